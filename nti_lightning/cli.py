@@ -1,0 +1,104 @@
+"""``nti``: the command line.
+
+  nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--config YAML] [key=value ...]
+  nti status OUTPUT
+  nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
+
+``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
+Overrides are OmegaConf dotlist keys of ``RunConfig`` (``inversion.num_inner_steps=5``,
+``trainer.precision=bf16-mixed``); unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_CONFIG_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nti", description="Null-text Inversion and Prompt-to-Prompt editing")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inv = sub.add_parser("invert", help="invert a folder or list of images (default: the bundled samples)")
+    inv.add_argument("--images", nargs="+", default=None, help="image files and/or folders (recursive)")
+    inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
+    inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
+    inv.add_argument("--config", default=None, help="YAML config (see configs/)")
+    inv.add_argument("--overwrite", action="store_true", help="start over an output folder made with other settings")
+    inv.add_argument("--retry-failed", action="store_true", help="re-do images recorded as failed")
+    inv.add_argument("--quiet", action="store_true", help="no per-image log lines")
+    inv.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    st = sub.add_parser("status", help="summarise done / failed / pending of an output folder")
+    st.add_argument("output")
+
+    try:
+        from nti_lightning.p2p.cli import add_edit_subparser
+    except ImportError:  # editing not available in this build
+        pass
+    else:
+        add_edit_subparser(sub)
+    return parser
+
+
+def cmd_invert(args) -> int:
+    from nti_lightning.config import ConfigError, load_config
+    from nti_lightning.runner import OutputMismatchError, format_header, format_row, run_inversion
+
+    overrides = list(args.overrides)
+    if args.images:
+        overrides.append("data.images=[" + ",".join(_quote(p) for p in args.images) + "]")
+    if args.captions:
+        overrides.append(f"data.captions={_quote(args.captions)}")
+    if args.output:
+        overrides.append(f"output.dir={_quote(args.output)}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"nti invert: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        summary = run_inversion(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, quiet=args.quiet)
+    except OutputMismatchError as e:
+        print(f"nti invert: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    rows = summary.done + summary.failed
+    if rows:
+        print(format_header())
+        for rec in rows:
+            print(format_row(rec))
+    print(
+        f"{len(summary.done)} inverted, {len(summary.failed)} failed, {summary.skipped} already done "
+        f"→ {summary.output}/manifest*.jsonl"
+    )
+    return 0
+
+
+def cmd_status(args) -> int:
+    from nti_lightning.status import print_status
+
+    return print_status(args.output)
+
+
+def _quote(value: str) -> str:
+    """Quote a value for an OmegaConf dotlist so paths with ':' ',' or spaces survive."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "invert":
+        return cmd_invert(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "edit":
+        from nti_lightning.p2p.cli import run_edit
+
+        return run_edit(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The result of Null-text Inversion for one image, and its file format.
+
+File: one ``.safetensors`` with the tensors and, in the header's metadata, a JSON record (prompt, model
+identity, scheduler, hyperparameters). Written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
+
+
+class IncompatibleInversionError(ValueError):
+    """An inversion used with a model or scheduler other than the one that made it."""
+
+
+@dataclass
+class Inversion:
+    """Algorithm 1's output for one image, plus what is needed to use and audit it."""
+
+    z_T: torch.Tensor  # (C, h, w): z̄_T = z*_T, the start of reconstruction and editing
+    null_embeddings: torch.Tensor  # (T, L, D): ∅_t for timesteps[i]
+    timesteps: torch.Tensor  # (T,) long, sampling order (981 … 1)
+    prompt: str
+    pivot_z0: torch.Tensor  # (C, h, w): z*_0, the encoded image
+    pivot_zT: torch.Tensor  # (C, h, w): z*_T, end of the DDIM inversion (w = 1)
+    inner_steps: torch.Tensor  # (T,) long: Adam steps applied per timestep
+    final_loss: torch.Tensor  # (T,) float: last inner-step loss per timestep
+    meta: dict[str, Any] = field(default_factory=dict)
+    """model_source, model_fingerprint, scheduler, hyperparameters, image_size, image, precision, …"""
+    z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
+    """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(inv, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
+    record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"nti_lightning": json.dumps(record)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
+    """Reads an inversion; with ``model`` given, checks it was made with that model and scheduler."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inversion file {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if "nti_lightning" not in header:
+            raise ValueError(f"{path} is a safetensors file but not an nti_lightning inversion")
+        record = json.loads(header["nti_lightning"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {record.get('format_version')} is not {FORMAT_VERSION}")
+    inv = Inversion(prompt=record["prompt"], meta=record["meta"], **{k: tensors[k] for k in TENSOR_FIELDS})
+    if model is not None:
+        check_compatible(inv, model, label=str(path))
+    return inv
+
+
+def scheduler_identity(scheduler) -> dict[str, Any]:
+    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "set_alpha_to_one", "steps_offset")
+    return {k: scheduler.config[k] for k in keys}
+
+
+def check_compatible(inv: Inversion, model, label: str = "inversion") -> None:
+    """Raises ``IncompatibleInversionError`` if ``model`` is not the model/scheduler that made ``inv``."""
+    made_with = inv.meta.get("model_fingerprint")
+    if made_with is not None and made_with != model.fingerprint:
+        raise IncompatibleInversionError(
+            f"{label} was made with model {inv.meta.get('model_source')!r} (fingerprint {made_with}) but the "
+            f"model given is {model.source!r} (fingerprint {model.fingerprint}); its null embeddings only "
+            "reconstruct the image with the model that optimised them. Load that model instead."
+        )
+    sched = inv.meta.get("scheduler")
+    if sched is not None and sched != scheduler_identity(model.scheduler):
+        raise IncompatibleInversionError(
+            f"{label} was made with scheduler {sched} but the model's scheduler is "
+            f"{scheduler_identity(model.scheduler)}; use the scheduler the inversion was made with."
+        )

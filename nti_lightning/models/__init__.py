@@ -1,0 +1,5 @@
+"""Model loading: the embedded tiny default, local diffusers folders, single files, hub ids."""
+
+from nti_lightning.models.loading import NTIModel, load_model, model_from_components
+
+__all__ = ["NTIModel", "load_model", "model_from_components"]

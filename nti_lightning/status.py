@@ -1,0 +1,36 @@
+"""``nti status OUTPUT``: done / failed / pending of a dataset run, across ranks, with the failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nti_lightning.runner import read_manifest
+
+
+def status(out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} is not an output folder")
+    records = read_manifest(out_dir)
+    done = sorted(k for k, r in records.items() if r["status"] == "ok")
+    failed = {k: r.get("error", "") for k, r in sorted(records.items()) if r["status"] != "ok"}
+    total = None
+    progress = out_dir / "progress.json"
+    if progress.is_file():
+        total = json.loads(progress.read_text()).get("total")
+    pending = None if total is None else max(total - len(done) - len(failed), 0)
+    return {"done": len(done), "failed": failed, "pending": pending, "total": total}
+
+
+def print_status(out_dir: str | Path) -> int:
+    try:
+        s = status(out_dir)
+    except FileNotFoundError as e:
+        print(f"nti status: {e}")
+        return 2
+    pending = "unknown" if s["pending"] is None else s["pending"]
+    print(f"{out_dir}: {s['done']} done, {len(s['failed'])} failed, {pending} pending")
+    for k, err in s["failed"].items():
+        print(f"  failed {k}: {err}")
+    return 0

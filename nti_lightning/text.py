@@ -1,0 +1,52 @@
+"""Text embeddings ψ(·): the text encoder's last hidden state over max-length padded tokens.
+
+As the authors: ψ("") is padded to the tokenizer's max length (77) without truncation; the prompt is
+padded and truncated to the same length. Unlike them, a prompt longer than the limit is an error instead of
+a silent truncation (the dropped words would misalign any Prompt-to-Prompt word indices).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used as is; the message says why and what to do."""
+
+
+def check_prompt(tokenizer, prompt: str | None, label: str = "prompt") -> str:
+    if prompt is None or not isinstance(prompt, str):
+        raise PromptError(f"{label}: missing caption; add a row to the captions file or set data.default_prompt")
+    if not prompt.strip():
+        raise PromptError(
+            f"{label}: empty prompt; Null-text Inversion needs a caption describing the image "
+            "(with an empty prompt the conditional and null branches coincide and guidance does nothing)"
+        )
+    n = len(tokenizer(prompt, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    if n > limit:
+        raise PromptError(
+            f"{label}: prompt has {n} tokens with start/end markers, over the tokenizer's limit of {limit}; "
+            "shorten it (it would otherwise be truncated silently)"
+        )
+    return prompt
+
+
+@torch.no_grad()
+def encode_text(model, prompts: list[str]) -> torch.Tensor:
+    """ψ(prompts): (B,) strings → (B, L, D) last hidden states, L = tokenizer.model_max_length."""
+    tok = model.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids = tok.input_ids.to(model.text_encoder.device)
+    return model.text_encoder(ids)[0].float()  # (B, L, D)
+
+
+@torch.no_grad()
+def encode_null(model, batch_size: int = 1) -> torch.Tensor:
+    """ψ("") repeated: (B, L, D) — the initial null embedding ∅_T (Algorithm 1, line 6)."""
+    return encode_text(model, [""]).expand(batch_size, -1, -1).clone()
