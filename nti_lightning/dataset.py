@@ -96,8 +96,9 @@ def iter_items(
             found = iter([(root.stem, root, root.parent)])
         for rel, p, base in found:
             item_id = rel.replace("/", "__")
-            if item_id in seen:
-                yield Item(item_id, str(p), None, f"duplicate image id {item_id!r}: also {seen[item_id]}; rename one")
+            if item_id in seen:  # recorded under its name with suffix, so it never shadows the first one
+                dup_id = p.relative_to(base).as_posix().replace("/", "__") if p.is_relative_to(base) else p.name
+                yield Item(dup_id, str(p), None, f"duplicate image id {item_id!r}: also {seen[item_id]}; rename one")
                 continue
             seen[item_id] = str(p)
             prompt, error = default_prompt, None

@@ -51,7 +51,10 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(inv, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
+    # own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
+    tensors = {
+        name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format) for name in TENSOR_FIELDS
+    }
     record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"nti_lightning": json.dumps(record)})

@@ -119,7 +119,7 @@ def load_model(
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
     if spec_str == "tiny":
         path, source = TINY_DIR, "tiny"
         if not (path / "model_index.json").is_file():
@@ -162,23 +162,20 @@ def load_model(
 
 
 def compute_fingerprint(model: NTIModel) -> str:
-    """sha256 over component configs, tokenizer vocabulary size and a sample of every weight tensor.
+    """sha256 over every weight's name and shape and a sample of its values, the tokenizer's size and the betas.
 
     Sampling (first/last 64 values of each tensor) keeps it fast for SD-sized models while still changing
-    with any retraining or different checkpoint. Values are hashed at float16 so one checkpoint loaded as
+    with any retraining or other checkpoint. Names and shapes pin the architecture (configs are not hashed:
+    save/load round trips add bookkeeping keys). Values are hashed at float16 so one checkpoint loaded as
     float32 or float16 has one fingerprint.
     """
     h = hashlib.sha256()
     for name in ("unet", "vae", "text_encoder"):
-        comp = getattr(model, name)
-        cfg = comp.config.to_dict() if hasattr(comp.config, "to_dict") else dict(comp.config)
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("torch_dtype", "dtype")}
         h.update(name.encode())
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-        for key, tensor in comp.state_dict().items():
+        for key, tensor in getattr(model, name).state_dict().items():
             flat = tensor.detach().flatten()
             sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float16)
-            h.update(key.encode())
+            h.update(f"{key}{tuple(tensor.shape)}".encode())
             h.update(sample.numpy().tobytes())
     h.update(str(len(model.tokenizer)).encode())
     sched = {k: model.scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule")}

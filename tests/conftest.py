@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models on CPU, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """The tiny architecture with seeded random weights: for equalities, not quality."""
+    from nti_lightning.models import model_from_components
+    from nti_lightning.models.tiny import build_random_components
+
+    return model_from_components(**build_random_components(0), source="tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The embedded default with its trained weights."""
+    from nti_lightning import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """Three distinct smooth RGB images (uint8 arrays) of different sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in ((72, 96), (64, 64), (100, 80)):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = np.stack([np.sin(6 * xx + k) * 0.5 + 0.5 for k in rng.uniform(0, 3, 3)], axis=-1)
+        noise = rng.normal(0, 0.05, (h, w, 3))
+        out.append((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
+    return out

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from nti_lightning.config import ConfigError, InversionConfig, RunConfig, apply_overrides, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_authors():
+    c = InversionConfig()
+    assert (c.num_ddim_steps, c.guidance_scale, c.num_inner_steps) == (50, 7.5, 10)
+    assert (c.learning_rate, c.lr_decay_horizon, c.early_stop_epsilon, c.early_stop_slope) == (1e-2, 100, 1e-5, 2e-5)
+    assert c.pivot_guidance_scale == 1.0 and c.early_stop
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"paper.yaml", "fast_cpu.yaml"} <= names
+
+
+def test_paper_config_equals_defaults():
+    assert load_config(Path(__file__).parent.parent / "configs" / "paper.yaml").inversion == InversionConfig()
+
+
+def test_overrides_merge_over_file():
+    cfg = load_config(CONFIGS[0], ["inversion.num_inner_steps=3", "trainer.devices=2"])
+    assert cfg.inversion.num_inner_steps == 3 and cfg.trainer.devices == 2
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="num_inner_stepz"):
+        load_config(None, ["inversion.num_inner_stepz=3"])
+
+
+def test_wrong_type_and_bad_value():
+    with pytest.raises(ConfigError, match="num_inner_steps"):
+        load_config(None, ["inversion.num_inner_steps=many"])
+    with pytest.raises(ConfigError, match="lr_decay_horizon"):
+        load_config(None, ["inversion.num_ddim_steps=150"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["inversion.num_inner_steps"])
+
+
+def test_api_overrides():
+    c = apply_overrides(InversionConfig(), num_inner_steps=2, batch_size=4)
+    assert c.num_inner_steps == 2 and c.batch_size == 4 and c.num_ddim_steps == 50
+    with pytest.raises(ConfigError, match="num_steps"):
+        apply_overrides(InversionConfig(), num_steps=3)
