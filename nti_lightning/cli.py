@@ -2,6 +2,9 @@
 
   nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--config YAML] [key=value ...]
   nti status OUTPUT
+
+Exit status of ``nti invert``: 0 done (failed images are in the manifest), 2 configuration error or an output
+folder made with other settings, 75 preempted by SIGTERM/SIGUSR1 with the state saved (rerun to resume).
   nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
 
 ``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
@@ -15,6 +18,9 @@ import argparse
 import sys
 
 EXIT_CONFIG_ERROR = 2
+"""Bad configuration, or an output folder made with other settings."""
+EXIT_PREEMPTED = 75
+"""SIGTERM/SIGUSR1: the batch state is saved; rerun the same command to resume (``runner.EXIT_PREEMPTED``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +79,9 @@ def cmd_invert(args) -> int:
         f"{len(summary.done)} inverted, {len(summary.failed)} failed, {summary.skipped} already done "
         f"→ {summary.output}/manifest*.jsonl"
     )
+    if summary.preempted:
+        print(f"preempted: state saved under {summary.output}/checkpoints; rerun the same command to resume")
+        return EXIT_PREEMPTED
     return 0
 
 

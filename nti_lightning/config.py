@@ -93,7 +93,20 @@ class TrainerConfig:
     strategy: str = "auto"
     """"auto", "ddp" or "ddp_spawn". Gradients are never averaged across ranks: each rank inverts its own images."""
     precision: str = "32-true"
-    """"32-true", "bf16-mixed" or "16-mixed". Null embeddings stay float32 in every mode."""
+    """"32-true", "bf16-mixed" or "16-mixed". Null embeddings stay float32 in every mode. "16-mixed" uses a
+    GradScaler (skipped steps are not charged to N and are reported per image); on CPU it is given to Fabric
+    as an explicit fp16 plugin, because Fabric would otherwise silently run bf16."""
+    ddp_timeout_s: int = 1800
+    """Timeout of the process group's collectives in seconds (only the start-up barrier uses one)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed"):
+            raise ValueError(
+                f"trainer.precision must be 32-true, bf16-mixed or 16-mixed, got {self.precision!r} "
+                "(bf16-true/16-true would cast the null embeddings too, which breaks Adam)"
+            )
+        if self.strategy not in ("auto", "ddp", "ddp_spawn"):
+            raise ValueError(f"trainer.strategy must be auto, ddp or ddp_spawn, got {self.strategy!r}")
 
 
 @dataclass
@@ -106,6 +119,18 @@ class DataConfig:
     """JSONL or CSV with columns ``image`` and ``prompt``; None = a captions file next to the samples."""
     default_prompt: str | None = None
     """Prompt for images without a caption row; None = such images fail with a clear message."""
+    shard_index: int = 0
+    """This job's shard of the dataset when independent jobs split it (a SLURM job array:
+    ``data.shard_index=$SLURM_ARRAY_TASK_ID``). Within a shard the images are split again across ranks."""
+    num_shards: int = 1
+    """Number of independent jobs splitting the dataset (``data.num_shards=$SLURM_ARRAY_TASK_COUNT``).
+    Image k goes to shard k mod num_shards, then to rank (k div num_shards) mod world size."""
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"data.shard_index must be in [0, data.num_shards), got {self.shard_index} of {self.num_shards}"
+            )
 
 
 @dataclass
@@ -118,6 +143,31 @@ class OutputConfig:
     """Write input | DDIM w=7.5 without NTI | NTI reconstruction side by side."""
     compute_baseline: bool = True
     """Also reconstruct without NTI (DDIM inversion + w) for the strip and the metrics table."""
+    checkpoint_every: int = 10
+    """Save the batch's mid-optimisation state (timestep index, null embeddings so far, z̄_t, image ids) to
+    ``checkpoints/`` every this many timesteps, so a killed run resumes the batch there; 0 = only when
+    preempted (SIGTERM/SIGUSR1). Finished images are always saved and skipped on a rerun."""
+    subdirs: bool = False
+    """Put each image's folder under a two-hex-digit bucket, ``OUTPUT/ab/<id>/`` (ab from a hash of the id),
+    so no folder holds millions of entries."""
+    logger: str = "csv"
+    """"csv": per-timestep loss and inner-step counts through Lightning's CSVLogger in ``logs/`` (rank 0;
+    every rank also writes ``logs/rank{r}.log``); "none": no metrics logger."""
+    progress_bar: bool = True
+    """A progress bar on rank 0 (images done/total of its shard, images per hour, ETA, timestep); off with
+    ``--quiet``."""
+    requeue: bool = True
+    """Under SLURM, after a preemption signal rank 0 runs ``scontrol requeue`` for this job."""
+    prefetch: int = 2
+    """Batches of images decoded ahead in a background thread while the current batch optimises; 0 = off."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"output.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.logger not in ("csv", "none"):
+            raise ValueError(f"output.logger must be csv or none, got {self.logger!r}")
+        if self.prefetch < 0:
+            raise ValueError(f"output.prefetch must be >= 0, got {self.prefetch}")
 
 
 @dataclass

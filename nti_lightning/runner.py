@@ -1,48 +1,81 @@
 """The dataset run behind ``nti invert``: every image inverted once, results and failures in a manifest.
 
-Written once, top to bottom: (1) output folder and its identity, (2) Fabric launch, (3) model,
-(4) items of this rank minus those already done, (5) batches: load → invert → reconstruct → metrics → save,
-(6) summary. A bad image or caption is recorded as failed with a message that names the file and the fix,
-and the run goes on; nothing already written is lost (every write is temp file + rename, the manifest is
-append-only).
+Written once, top to bottom: (1) Fabric launch and model, (2) output folder and its identity, (3) items of
+this worker's static shard minus those already done, (4) batches: load → invert (resuming a mid-batch
+checkpoint) → reconstruct → metrics → save, (5) summary.
+
+Resilience: a bad image or caption is recorded as failed and the run goes on; every file is written as temp
+file + rename and the manifest is append-only, so a kill at any moment loses at most the batch in flight —
+and not even that, because each worker saves its batch's loop state to ``checkpoints/`` every
+``output.checkpoint_every`` timesteps and when SIGTERM/SIGUSR1 arrives (the handler only sets a flag; the
+loop checks it between timesteps, saves, and exits with ``EXIT_PREEMPTED``). Scale-out: the items are split
+statically, ``k mod num_shards`` → job, then ``(k div num_shards) mod world`` → rank; ranks never exchange
+gradients, and the only collective is the start-up barrier (see shared LIGHTNING-NOTES).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from nti_lightning.api import ddim_baseline_latents, image_size_for, invert_batch, reconstruction_latents
+from nti_lightning.api import (
+    ddim_baseline_latents,
+    image_size_for,
+    invert_batch,
+    prepare_batch,
+    reconstruction_latents,
+)
 from nti_lightning.config import RunConfig, config_to_yaml
 from nti_lightning.dataset import SAMPLES_DIR, CaptionError, Item, iter_items, read_captions
 from nti_lightning.engine import decode_latents
 from nti_lightning.image import ImageError, prepare_image, tensor_to_image
 from nti_lightning.inversion import save_inversion
 from nti_lightning.metrics import image_metrics, latent_mse_value, make_strip
+from nti_lightning.nulltext import LoopState, NullTextInversionModule
 from nti_lightning.runtime import Runtime
 from nti_lightning.text import PromptError, check_prompt
+
+EXIT_PREEMPTED = 75
+"""Exit status of ``nti invert`` after SIGTERM/SIGUSR1: state saved, rerun to resume (sysexits EX_TEMPFAIL)."""
+CHECKPOINT_FORMAT = 1
 
 
 class OutputMismatchError(RuntimeError):
     """The output folder holds results of a different model or hyperparameters."""
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; the batch state is saved."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
 
+_HOST = socket.gethostname().replace(".", "-")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.tmp")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -52,12 +85,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_save_image(path: Path, image) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_path(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
-def manifest_name(rank: int, world_size: int) -> str:
+def remove_stale_tmp(folder: Path, owned: bool) -> None:
+    """Deletes temp files a killed writer left in ``folder``: all of them where this worker owns the folder
+    (an image's folder of its shard), else only those of dead processes on this host."""
+    for p in folder.glob(".*.tmp"):
+        if not owned:
+            writer = p.name.rsplit(".", 2)[-2]  # "<host>-<pid>"
+            host, _, pid = writer.rpartition("-")
+            if host != _HOST or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+        p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def manifest_name(rank: int, world_size: int, shard: int = 0, num_shards: int = 1) -> str:
+    if num_shards > 1:
+        return f"manifest.shard{shard}.rank{rank}.jsonl"
     return "manifest.jsonl" if world_size == 1 else f"manifest.rank{rank}.jsonl"
 
 
@@ -85,8 +142,128 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
-def item_dir(out_dir: Path, item_id: str) -> Path:
-    return out_dir / item_id
+def item_relpath(item_id: str, subdirs: bool = False) -> str:
+    """``<id>`` or, with ``output.subdirs``, ``<ab>/<id>`` where ab are the first hex digits of sha1(id)."""
+    if not subdirs:
+        return item_id
+    return f"{hashlib.sha1(item_id.encode()).hexdigest()[:2]}/{item_id}"
+
+
+def item_dir(out_dir: Path, item_id: str, subdirs: bool = False) -> Path:
+    return out_dir / item_relpath(item_id, subdirs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mid-batch checkpoints (one file per worker, never fabric.save: that writes on rank 0 only and barriers)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: Path, rank: int, shard: int = 0) -> Path:
+    return out_dir / "checkpoints" / f"shard{shard}.rank{rank}.pt"
+
+
+def batch_identity(run_id: dict, cfg: RunConfig, items: list[Item], pixels: torch.Tensor) -> dict:
+    """What a checkpoint must match to be resumed: the run's identity, the batch's ids, prompts and pixels."""
+    return {
+        "run": run_id,
+        "batch_size": cfg.inversion.batch_size,
+        "batch_invariant": cfg.inversion.batch_invariant,
+        "ids": [it.id for it in items],
+        "prompts": [it.prompt for it in items],
+        "pixels_sha256": hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+    }
+
+
+def save_checkpoint(path: Path, identity: dict, module: NullTextInversionModule, state: LoopState, scaler) -> None:
+    """Atomically writes the whole mid-batch state: module (∅_T…∅_1 so far) + loop state (+ GradScaler)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "identity": json.dumps(identity, sort_keys=True),
+        "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "state": {
+            "step_index": state.step_index,
+            "z_bar": state.z_bar.detach().cpu(),
+            "failed": state.failed.cpu(),
+            "inner_steps": state.inner_steps.cpu(),
+            "final_loss": state.final_loss.cpu(),
+            "skipped_steps": state.skipped_steps.cpu(),
+            "unet_calls": dict(state.unet_calls),
+        },
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a truncated file cannot happen (atomic writes), but a foreign one can
+        return {"format": None}
+    return ck
+
+
+def checkpoint_mismatch(ck: dict, identity: dict) -> list[str]:
+    """Names what differs between a checkpoint and the batch about to run ([] = resumable)."""
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        return ["format"]
+    old = json.loads(ck["identity"])
+    diff = [k for k in identity if k != "run" and old.get(k) != identity[k]]
+    diff += [f"run.{k}" for k in identity["run"] if old.get("run", {}).get(k) != identity["run"][k]]
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Signals: the handler only sets a flag; the loop checks it between timesteps and batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Installs SIGTERM/SIGUSR1/SIGUSR2 handlers that record the signal; ``restore()`` puts the old ones back.
+    SIGUSR1 is SLURM's ``--signal=USR1@300``, SIGUSR2 submitit's, SIGTERM scancel's and torchrun's."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, the run is then only kill-safe
+                break
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def requeue_slurm_job(log) -> None:
+    """``scontrol requeue`` this SLURM job (or array task), as Lightning's Trainer does on SIGUSR1."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return
+    try:
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        log(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"scontrol requeue {job} failed: {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,6 +277,9 @@ class RunSummary:
     done: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     skipped: int = 0
+    preempted: bool = False
+    resumed: int = 0
+    skipped_steps: int = 0
 
 
 def run_identity(cfg: RunConfig, model) -> dict:
@@ -127,6 +307,7 @@ def check_output_identity(out_dir: Path, identity: dict, overwrite: bool) -> Non
                 )
             for p in out_dir.glob("manifest*.jsonl"):
                 p.unlink()
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     atomic_write_bytes(path, json.dumps(identity, indent=2, sort_keys=True).encode())
 
 
@@ -136,17 +317,29 @@ def resolve_inputs(cfg: RunConfig) -> tuple[list[str], str | None]:
     return [str(SAMPLES_DIR)], cfg.data.captions or str(SAMPLES_DIR / "captions.jsonl")
 
 
-def make_fabric(cfg: RunConfig):
-    import lightning as L
+def make_fabric(cfg: RunConfig, launch: bool = True):
+    """Fabric for ``cfg.trainer``; 16-mixed on CPU gets an explicit fp16 plugin (Fabric would run bf16)."""
+    from datetime import timedelta
 
+    import lightning as L
+    from lightning.fabric.plugins import MixedPrecision
+    from lightning.fabric.strategies import DDPStrategy
+
+    tr = cfg.trainer
+    kwargs: dict = {"precision": tr.precision}
+    on_cpu = tr.accelerator == "cpu" or (tr.accelerator == "auto" and not torch.cuda.is_available())
+    if tr.precision == "16-mixed" and on_cpu:
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    strategy = tr.strategy
+    if strategy in ("ddp", "ddp_spawn"):
+        strategy = DDPStrategy(
+            start_method="popen" if strategy == "ddp" else "spawn", timeout=timedelta(seconds=tr.ddp_timeout_s)
+        )
     fabric = L.Fabric(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
+        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy, **kwargs
     )
-    fabric.launch()
+    if launch:
+        fabric.launch()
     return fabric
 
 
@@ -158,74 +351,193 @@ def run_inversion(
     quiet: bool = False,
     fabric=None,
 ) -> RunSummary:
-    """Inverts every image of ``cfg.data`` into ``cfg.output.dir``; returns this rank's summary."""
+    """Inverts every image of ``cfg.data`` into ``cfg.output.dir``; returns this rank's summary (rank 0's
+    under ``ddp_spawn``). ``summary.preempted``: a signal stopped the run with its state saved."""
+    if fabric is None and cfg.trainer.strategy == "ddp_spawn":
+        fabric = make_fabric(cfg, launch=False)
+        return fabric.launch(_run_rank, cfg, overwrite, retry_failed, quiet)
+    return _run_rank(fabric or make_fabric(cfg), cfg, overwrite, retry_failed, quiet)
+
+
+def _run_rank(fabric, cfg: RunConfig, overwrite: bool, retry_failed: bool, quiet: bool) -> RunSummary:
     from nti_lightning.models import load_model
 
     out_dir = Path(cfg.output.dir)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    stop = StopFlag()
+    try:
+        return _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
+    finally:
+        stop.restore()
 
-    # 1. Launch (one process per device) and load the frozen model on this rank's device
-    fabric = fabric or make_fabric(cfg)
+
+def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model) -> RunSummary:
     rank, world = fabric.global_rank, fabric.world_size
+    shard, num_shards = cfg.data.shard_index, cfg.data.num_shards
+    worker = f"shard{shard}.rank{rank}" if num_shards > 1 else f"rank{rank}"
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "logs" / f"{worker}.log", "a", encoding="utf-8")  # noqa: SIM115
+
+    def log(*parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        log_file.flush()
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    # 1. The frozen model on this rank's device; the metrics logger (rank 0; Lightning loggers are rank-0-only)
     model = load_model(cfg.model.spec, device=fabric.device, dtype=cfg.model.dtype)
     runtime = Runtime(fabric)
     size = image_size_for(model, cfg.inversion)
+    T = cfg.inversion.num_ddim_steps
+    metrics_logger = None
+    if cfg.output.logger == "csv" and rank == 0:
+        from lightning.fabric.loggers import CSVLogger
 
-    # 2. Output folder: refuse results of other settings; record the resolved config
-    out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_logger = CSVLogger(out_dir / "logs", name=f"metrics_shard{shard}", flush_logs_every_n_steps=T)
+
+    # 2. Output folder: refuse results of other settings; record the resolved config; clean after kill -9
+    identity = run_identity(cfg, model)
     if rank == 0:
-        check_output_identity(out_dir, run_identity(cfg, model), overwrite)
+        remove_stale_tmp(out_dir, owned=False)
+        check_output_identity(out_dir, identity, overwrite)
         atomic_write_bytes(out_dir / "config.yaml", config_to_yaml(cfg).encode())
-    fabric.barrier()
+    fabric.barrier()  # the only collective: before it, rank 0 may delete stale results (--overwrite)
     if rank != 0:
-        check_output_identity(out_dir, run_identity(cfg, model), overwrite=False)
-    manifest = out_dir / manifest_name(rank, world)
+        check_output_identity(out_dir, identity, overwrite=False)
+    manifest = out_dir / manifest_name(rank, world, shard, num_shards)
+    ckpt_path = checkpoint_path(out_dir, rank, shard)
     previous = read_manifest(out_dir)
 
-    # 3. Items: captions, this rank's static shard, minus what is already done
+    # 3. Items: captions, this worker's static shard, minus what is already done
     images, captions_path = resolve_inputs(cfg)
     captions, warnings = read_captions(captions_path) if captions_path else (None, [])
     for w in warnings:
         log(f"warning: {w}")
     summary = RunSummary(out_dir)
+    all_items = list(iter_items(images, captions, cfg.data.default_prompt))
+    if rank == 0:
+        progress = {"total": len(all_items), "num_shards": num_shards, "world_size": world}
+        atomic_write_bytes(out_dir / "progress.json", json.dumps(progress).encode())
+    todo: list[Item] = []
+    for k, item in enumerate(all_items):
+        if k % num_shards != shard or (k // num_shards) % world != rank:
+            continue
+        prev = previous.get(item.id)
+        if prev is not None and (prev["status"] == "ok" or not retry_failed):
+            if prev["status"] != "ok" or (out_dir / prev["paths"]["inversion"]).is_file():
+                summary.skipped += 1
+                continue
+        remove_stale_tmp(item_dir(out_dir, item.id, cfg.output.subdirs), owned=True)
+        todo.append(item)
+    for p in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # this worker's own, cut by a kill
+        p.unlink(missing_ok=True)
+    pending_ckpt = load_checkpoint(ckpt_path)
+    if pending_ckpt is not None and pending_ckpt.get("format") == CHECKPOINT_FORMAT:
+        ids = json.loads(pending_ckpt["identity"]).get("ids", [])
+        if ids and all(previous.get(i, {}).get("status") == "ok" for i in ids):
+            pending_ckpt = None  # killed after its batch was recorded, before the checkpoint was removed
+            ckpt_path.unlink(missing_ok=True)
+
+    bar = None
+    if rank == 0 and cfg.output.progress_bar and not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", desc=f"{worker} inverting", dynamic_ncols=True, file=sys.stderr)
+    t_start = time.perf_counter()
+    step = 0  # metrics-logger step: timesteps optimised by this worker in this process
 
     def record(item: Item, status: str, **fields) -> dict:
         rec = {"id": item.id, "source": item.path, "prompt": item.prompt, "status": status, "rank": rank}
+        if num_shards > 1:
+            rec["shard"] = shard
         rec.update(fields, finished_at=time.time())
         append_manifest(manifest, rec)
         (summary.done if status == "ok" else summary.failed).append(rec)
         if status != "ok":
             log(f"failed {item.id}: {rec.get('error')}")
+        if bar is not None:
+            bar.update(1)
+            n = len(summary.done) + len(summary.failed)
+            bar.set_postfix(img_per_h=f"{3600 * n / max(time.perf_counter() - t_start, 1e-9):.0f}")
         return rec
 
-    def todo() -> Iterator[Item]:
-        for k, item in enumerate(iter_items(images, captions, cfg.data.default_prompt)):
-            if k % world != rank:
-                continue
-            prev = previous.get(item.id)
-            if prev is not None and (prev["status"] == "ok" or not retry_failed):
-                if prev["status"] != "ok" or (out_dir / prev["paths"]["inversion"]).is_file():
-                    summary.skipped += 1
-                    continue
-            yield item
+    # 4. Batches: images decoded ahead in a background thread while the current batch optimises
+    def optimise(items: list[Item], pixels: torch.Tensor):
+        nonlocal pending_ckpt, step
+        prepared = prepare_batch(model, pixels.to(model.device), [it.prompt for it in items], cfg.inversion, runtime)
+        module = NullTextInversionModule(prepared.null, T).to(model.device)
+        state = None
+        batch_id = batch_identity(identity, cfg, items, pixels)
+        if pending_ckpt is not None:
+            diff = checkpoint_mismatch(pending_ckpt, batch_id)
+            if diff:
+                log(
+                    f"ignoring stale checkpoint {ckpt_path}: it was made for another batch or settings "
+                    f"({', '.join(diff)} differ); this batch starts from timestep 0"
+                )
+            else:
+                module.load_state_dict(pending_ckpt["module"])
+                s = pending_ckpt["state"]
+                state = LoopState(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()})
+                if pending_ckpt["scaler"] is not None and runtime.scaler is not None:
+                    runtime.scaler.load_state_dict(pending_ckpt["scaler"])
+                summary.resumed += 1
+                log(f"resuming batch {batch_id['ids']} at timestep index {state.step_index}/{T} from {ckpt_path}")
+            pending_ckpt = None
+            ckpt_path.unlink(missing_ok=True)
 
-    # 4. Batches of loadable images
+        def on_timestep_end(st: LoopState) -> None:
+            nonlocal step
+            i = st.step_index - 1
+            if metrics_logger is not None:
+                loss = st.final_loss[i]
+                metrics = {"timestep": float(prepared.schedule.timesteps[i]), "step_index": float(i)}
+                metrics.update({f"loss/{it.id}": float(loss[b]) for b, it in enumerate(items)})
+                metrics.update({f"inner_steps/{it.id}": float(st.inner_steps[i, b]) for b, it in enumerate(items)})
+                metrics_logger.log_metrics(metrics, step=step)
+            step += 1
+            if bar is not None:
+                bar.set_description(f"{worker} t {st.step_index}/{T}")
+            every = cfg.output.checkpoint_every
+            if stop.requested or (every and st.step_index % every == 0 and st.step_index < T):
+                save_checkpoint(ckpt_path, batch_id, module, st, runtime.scaler)
+            if stop.requested:
+                raise Preempted(f"signal {stop.signum} at timestep index {st.step_index}/{T}")
+
+        return invert_batch(
+            model,
+            pixels,
+            [it.prompt for it in items],
+            cfg.inversion,
+            runtime,
+            prepared=prepared,
+            module=module,
+            state=state,
+            on_timestep_end=on_timestep_end,
+        )
+
     def process(batch: list[tuple[Item, torch.Tensor]]) -> None:
         items = [it for it, _ in batch]
         pixels = torch.stack([px for _, px in batch])  # (B, 3, H, W)
         t0 = time.perf_counter()
         try:
-            results, _ = invert_batch(model, pixels, [it.prompt for it in items], cfg.inversion, runtime)
+            results, _ = optimise(items, pixels)
+        except Preempted:
+            raise
         except Exception as e:  # e.g. out of memory: record, go on with the next batch
             for it in items:
                 record(it, "failed", error=f"inversion failed: {type(e).__name__}: {e}")
+            ckpt_path.unlink(missing_ok=True)
             return
         ok = [(it, px, inv) for it, px, inv in zip(items, pixels, results) if inv is not None]
         for it, inv in zip(items, results):
             if inv is None:
                 record(it, "failed", error="non-finite loss or latent during null-text optimisation; not saved")
-        if not ok:
-            return
+        if ok:
+            write_results(ok, (time.perf_counter() - t0) / len(items))
+        ckpt_path.unlink(missing_ok=True)  # only now: a kill before this resumes from the checkpoint
+
+    def write_results(ok, seconds: float) -> None:
         invs = [inv for _, _, inv in ok]
         nti_lat = reconstruction_latents(model, invs, runtime=runtime)  # (n, 4, h, w)
         z0 = torch.stack([inv.pivot_z0 for inv in invs]).to(nti_lat.device)
@@ -234,9 +546,9 @@ def run_inversion(
         if cfg.output.compute_baseline:
             base_lat = ddim_baseline_latents(model, invs, cfg.inversion.guidance_scale, runtime)
             base_img = decode_latents(model, base_lat).cpu()
-        seconds = (time.perf_counter() - t0) / len(items)
         for k, (it, px, inv) in enumerate(ok):
-            d = item_dir(out_dir, it.id)
+            rel = item_relpath(it.id, cfg.output.subdirs)
+            d = out_dir / rel
             inv.meta.update(image={"id": it.id, "source": it.path})
             save_inversion(d / "inversion.safetensors", inv)
             metrics = {
@@ -244,7 +556,9 @@ def run_inversion(
                 "vae_roundtrip_vs_input": image_metrics(vae_img[k], px),
                 "nti_latent_mse": latent_mse_value(nti_lat[k], z0[k]),
                 "inner_steps": int(inv.inner_steps.sum()),
+                "skipped_steps": int(inv.meta.get("skipped_steps", 0)),
             }
+            summary.skipped_steps += metrics["skipped_steps"]
             pictures = [tensor_to_image(px), tensor_to_image(nti_img[k])]
             if cfg.output.compute_baseline:
                 metrics["ddim_no_nti"] = {
@@ -254,42 +568,82 @@ def run_inversion(
                 metrics["ddim_no_nti_latent_mse"] = latent_mse_value(base_lat[k], z0[k])
                 pictures.insert(1, tensor_to_image(base_img[k]))
             atomic_save_image(d / "reconstruction.png", pictures[-1])
-            paths = {"inversion": f"{it.id}/inversion.safetensors", "reconstruction": f"{it.id}/reconstruction.png"}
+            paths = {"inversion": f"{rel}/inversion.safetensors", "reconstruction": f"{rel}/reconstruction.png"}
             if cfg.output.save_strip:
                 atomic_save_image(d / "strip.png", make_strip(pictures))
-                paths["strip"] = f"{it.id}/strip.png"
+                paths["strip"] = f"{rel}/strip.png"
             meta = {"id": it.id, "source": it.path, "prompt": it.prompt, "metrics": metrics, **inv.meta}
             atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=2).encode())
-            paths["meta"] = f"{it.id}/meta.json"
+            paths["meta"] = f"{rel}/meta.json"
             rec = record(it, "ok", metrics=metrics, paths=paths, seconds=round(seconds, 3))
             log(format_row(rec))
 
-    log(
-        f"rank {rank}/{world}: inverting into {out_dir} on {fabric.device} at {size}px, precision "
-        f"{cfg.trainer.precision}, T={cfg.inversion.num_ddim_steps}, N={cfg.inversion.num_inner_steps}"
-    )
-    log(format_header())
-    pending: list[tuple[Item, torch.Tensor]] = []
-    for item in todo():
+    def decode(item: Item) -> torch.Tensor | Exception:
         try:
             if item.error:
                 raise ValueError(item.error)
-            check_prompt(model.tokenizer, item.prompt, label=f"{item.path}")
-            pending.append((item, prepare_image(item.path, size, name=item.path)))
-        except (ImageError, PromptError, ValueError) as e:
-            record(item, "failed", error=str(e))
-            continue
-        if len(pending) == cfg.inversion.batch_size:
+            return prepare_image(item.path, size, name=item.path)
+        except (ImageError, ValueError) as e:
+            return e
+
+    def loaded() -> Iterator[tuple[Item, torch.Tensor | Exception]]:
+        lookahead = cfg.output.prefetch * cfg.inversion.batch_size
+        if lookahead == 0:
+            yield from ((it, decode(it)) for it in todo)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nti-decode") as pool:
+            queue: deque = deque()
+            items = iter(todo)
+            for it in items:
+                queue.append((it, pool.submit(decode, it)))
+                if len(queue) > lookahead:
+                    head, fut = queue.popleft()
+                    yield head, fut.result()
+            while queue:
+                head, fut = queue.popleft()
+                yield head, fut.result()
+
+    log(
+        f"{worker} of {world} rank(s) × {num_shards} shard(s): {len(todo)} to invert, {summary.skipped} already "
+        f"done, into {out_dir} on {fabric.device} at {size}px, precision {cfg.trainer.precision}, "
+        f"T={T}, N={cfg.inversion.num_inner_steps}"
+    )
+    log(format_header())
+    pending: list[tuple[Item, torch.Tensor]] = []
+    try:
+        for item, px in loaded():
+            if stop.requested:
+                raise Preempted(f"signal {stop.signum} between batches")
+            try:
+                if isinstance(px, Exception):
+                    raise px
+                check_prompt(model.tokenizer, item.prompt, label=f"{item.path}")
+            except (ImageError, PromptError, ValueError) as e:
+                record(item, "failed", error=str(e))
+                continue
+            pending.append((item, px))
+            if len(pending) == cfg.inversion.batch_size:
+                process(pending)
+                pending = []
+        if pending:
             process(pending)
-            pending = []
-    if pending:
-        process(pending)
+    except Preempted as e:
+        summary.preempted = True
+        log(f"{worker}: preempted ({e}); state saved to {ckpt_path}; exiting with {EXIT_PREEMPTED}, rerun to resume")
+        if rank == 0 and cfg.output.requeue and os.environ.get("SLURM_JOB_ID"):
+            requeue_slurm_job(log)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_logger is not None:
+            metrics_logger.finalize("preempted" if summary.preempted else "success")
 
     # 5. Summary
     log(
-        f"rank {rank}: {len(summary.done)} inverted, {len(summary.failed)} failed, "
-        f"{summary.skipped} already done; manifest {manifest}"
+        f"{worker}: {len(summary.done)} inverted, {len(summary.failed)} failed, {summary.skipped} already done, "
+        f"{summary.resumed} batch(es) resumed, {summary.skipped_steps} GradScaler-skipped step(s); manifest {manifest}"
     )
+    log_file.close()
     return summary
 
 
@@ -315,4 +669,11 @@ def remove_output(out_dir: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
-__all__ = ["run_inversion", "read_manifest", "RunSummary", "OutputMismatchError", "CaptionError"]
+__all__ = [
+    "run_inversion",
+    "read_manifest",
+    "RunSummary",
+    "OutputMismatchError",
+    "CaptionError",
+    "EXIT_PREEMPTED",
+]

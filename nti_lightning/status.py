@@ -1,4 +1,7 @@
-"""``nti status OUTPUT``: done / failed / pending of a dataset run, across ranks, with the failures."""
+"""``nti status OUTPUT``: done / failed / pending of a dataset run, across ranks and shards, with the failures.
+
+Done and failed come from all ``manifest*.jsonl``; the total from ``progress.json`` (written at start-up).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ def status(out_dir: str | Path) -> dict:
     if progress.is_file():
         total = json.loads(progress.read_text()).get("total")
     pending = None if total is None else max(total - len(done) - len(failed), 0)
-    return {"done": len(done), "failed": failed, "pending": pending, "total": total}
+    checkpoints = sorted(p.name for p in (out_dir / "checkpoints").glob("*.pt"))
+    return {"done": len(done), "failed": failed, "pending": pending, "total": total, "checkpoints": checkpoints}
 
 
 def print_status(out_dir: str | Path) -> int:
@@ -30,7 +34,10 @@ def print_status(out_dir: str | Path) -> int:
         print(f"nti status: {e}")
         return 2
     pending = "unknown" if s["pending"] is None else s["pending"]
-    print(f"{out_dir}: {s['done']} done, {len(s['failed'])} failed, {pending} pending")
+    total = "" if s["total"] is None else f" of {s['total']}"
+    print(f"{out_dir}: {s['done']} done, {len(s['failed'])} failed, {pending} pending{total}")
+    if s["checkpoints"]:
+        print(f"  {len(s['checkpoints'])} batch(es) stopped mid-way, resumed on rerun: {', '.join(s['checkpoints'])}")
     for k, err in s["failed"].items():
         print(f"  failed {k}: {err}")
     return 0

@@ -1,0 +1,172 @@
+"""Scale-out and resilience of ``nti invert`` on CPU: 2 DDP ranks, SIGTERM and kill -9 resume, stale
+checkpoints, mixed precision. Random tiny model saved to a folder, 64 px, T = 3, N = 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nti_lightning.cli import main
+from nti_lightning.runner import EXIT_PREEMPTED, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = ["img0", "img1", "img2"]
+FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
+        "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
+        "output.checkpoint_every=1", "trainer.accelerator=cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bit-identity across processes needs one intra-op thread count everywhere: reductions split per thread.
+    Lightning's CPU DDP sets cores // local ranks threads; the subprocesses get OMP_NUM_THREADS=1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, random_model):
+    d = tmp_path_factory.mktemp("model")
+    random_model.pipeline.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(IDS):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / f"{name}.png")
+    rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of thing {k}"}) for k, n in enumerate(IDS)]
+    (d / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _args(dataset, out, model_dir, *extra):
+    return ["invert", "--images", str(dataset), "--captions", str(dataset / "captions.jsonl"), "--output", str(out),
+            f"model.spec={model_dir}", "--quiet", *FAST, *extra]  # fmt: skip
+
+
+def _spawn(dataset, out, model_dir, *extra) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "nti_lightning.cli", *_args(dataset, out, model_dir, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _nulls(out) -> dict[str, torch.Tensor]:
+    ok = {k: r for k, r in read_manifest(out).items() if r["status"] == "ok"}
+    return {k: load_file(out / r["paths"]["inversion"])["null_embeddings"] for k, r in ok.items()}
+
+
+def _wait_for(pred, proc, timeout=120.0) -> None:
+    end = time.time() + timeout
+    while not pred():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)
+
+
+def _assert_same(out, reference):
+    got = _nulls(out)
+    assert sorted(got) == IDS
+    for k in IDS:
+        assert torch.equal(got[k], reference[k]), k
+    assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob("*.pt"))
+    assert [r["status"] for r in read_manifest(out).values()] == ["ok"] * len(IDS)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, model_dir, tmp_path_factory):
+    """One uninterrupted single-rank run (in process)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert main(_args(dataset, out, model_dir)) == 0
+    return out, _nulls(out)
+
+
+def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, reference, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _spawn(dataset, out, model_dir, "trainer.strategy=ddp", "trainer.devices=2", "trainer.ddp_timeout_s=60")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    m0 = [json.loads(x) for x in (out / "manifest.rank0.jsonl").read_text().splitlines()]
+    m1 = [json.loads(x) for x in (out / "manifest.rank1.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in m0] == ["img0", "img2"] and [r["id"] for r in m1] == ["img1"]  # each image once
+    assert {r["rank"] for r in m1} == {1} and (out / "logs" / "rank1.log").is_file()
+    _assert_same(out, reference[1])  # manifests merge; bit-identical to one rank
+    assert json.loads((out / "progress.json").read_text())["total"] == 3
+    assert main(["status", str(out)]) == 0
+
+
+def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_dir, reference, tmp_path, capsys):
+    out = tmp_path / "term"
+    proc = _spawn(dataset, out, model_dir)
+    _wait_for(lambda: (out / "checkpoints" / "shard0.rank0.pt").is_file(), proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert time.time() - t0 < 30 and "preempted" in log
+    assert (out / "checkpoints" / "shard0.rank0.pt").is_file()
+    assert main(["status", str(out)]) == 0
+    assert "stopped mid-way" in capsys.readouterr().out
+
+    # a checkpoint of another batch (here: other pixels) is detected and not reused
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    ck = torch.load(stale / "checkpoints" / "shard0.rank0.pt", weights_only=True)
+    ident = json.loads(ck["identity"])
+    ident["pixels_sha256"] = "0" * 64
+    ck["identity"] = json.dumps(ident, sort_keys=True)
+    torch.save(ck, stale / "checkpoints" / "shard0.rank0.pt")
+    assert main(_args(dataset, stale, model_dir)) == 0
+    assert "ignoring stale checkpoint" in (stale / "logs" / "rank0.log").read_text()
+    _assert_same(stale, reference[1])
+
+    # changed hyperparameters with a mid-batch checkpoint: refused, checkpoint kept; --overwrite drops it
+    assert main(_args(dataset, out, model_dir, "inversion.guidance_scale=5.0")) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert (out / "checkpoints" / "shard0.rank0.pt").is_file()
+
+    assert main(_args(dataset, out, model_dir)) == 0  # resume
+    assert "resuming batch" in (out / "logs" / "rank0.log").read_text()
+    _assert_same(out, reference[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_a_random_moment_then_rerun(dataset, model_dir, reference, tmp_path, seed):
+    out = tmp_path / "kill"
+    proc = _spawn(dataset, out, model_dir)
+    _wait_for(lambda: (out / "logs" / "rank0.log").is_file(), proc)
+    time.sleep(random.Random(seed).uniform(1.0, 12.0))
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=60)
+    assert main(_args(dataset, out, model_dir)) == 0
+    _assert_same(out, reference[1])
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_runs_on_cpu_close_to_fp32(dataset, model_dir, reference, tmp_path, precision):
+    out = tmp_path / precision
+    assert main(_args(dataset, out, model_dir, f"trainer.precision={precision}", "data.num_shards=3")) == 0
+    got = _nulls(out)["img0"]
+    meta = json.loads((out / "img0" / "meta.json").read_text())
+    assert meta["precision"] == precision and "skipped_steps" in meta["metrics"]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    ref = reference[1]["img0"]
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
