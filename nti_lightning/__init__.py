@@ -6,9 +6,11 @@ from nti_lightning.api import invert, reconstruct  # noqa: E402
 from nti_lightning.config import InversionConfig, RunConfig, load_config  # noqa: E402
 from nti_lightning.inversion import Inversion, load_inversion, save_inversion  # noqa: E402
 from nti_lightning.models import NTIModel, load_model  # noqa: E402
+from nti_lightning.p2p import edit  # noqa: E402
 
 __all__ = [
     "Inversion",
+    "edit",
     "InversionConfig",
     "NTIModel",
     "RunConfig",

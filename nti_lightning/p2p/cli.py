@@ -1,0 +1,362 @@
+"""``nti edit``: Prompt-to-Prompt edits of inversions, one from the command line or many from a JSONL file.
+
+  nti edit INVERSION --target "..." [--mode replace|refine|reweight] [--blend WORD ...]
+           [--reweight WORD=SCALE ...] [--cross-replace 0.8 [WORD=FRACTION ...]] [--self-replace 0.4]
+           [--attention] [--output DIR]
+  nti edit OUTPUT_DIR --edits EDITS.jsonl [--batch-size 4] [--attention] [--results FILE]
+
+Batch form: each line of EDITS.jsonl is one edit of an image of an ``nti invert`` output folder,
+  {"image_id": "cat", "target": "a dog sitting next to a mirror", "mode": "replace", "blend": ["cat", "dog"],
+   "reweight": {"dog": 2}, "cross_replace": 0.8, "self_replace": 0.4, "guidance_scale": 7.5}
+(``"inversion": "path/to/inversion.safetensors"`` instead of ``image_id``; only ``target`` is required). Edits
+of one image are sampled together, up to --batch-size per pass. Each edit gets
+OUTPUT_DIR/<image_id>/edits/<line>_<target>{,_strip,_attention}.png and a line in the results JSONL; a line
+that cannot be applied is recorded as failed with the reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from nti_lightning.inversion import Inversion, load_inversion
+from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
+from nti_lightning.p2p.edit import (
+    CROSS_REPLACE_STEPS,
+    MODES,
+    SELF_REPLACE_STEPS,
+    EditResult,
+    EditSpec,
+    build_controller,
+    edit_batch,
+    input_image,
+)
+from nti_lightning.text import PromptError, check_prompt
+
+EXIT_USAGE_ERROR = 2
+EDIT_KEYS = {
+    "image_id",
+    "inversion",
+    "target",
+    "mode",
+    "blend",
+    "reweight",
+    "cross_replace",
+    "self_replace",
+    "guidance_scale",
+}
+DEFAULT_BATCH_SIZE = 4
+"""Edits of one image sampled in one pass (the UNet batch is 2·(1 + edits))."""
+
+
+def add_edit_subparser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "edit",
+        help="Prompt-to-Prompt edit of inverted images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inversion", help="an inversion .safetensors file, or with --edits an `nti invert` output folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="the target prompt")
+    what.add_argument("--edits", help="JSONL with one edit per line over the output folder (batch form)")
+    p.add_argument("--mode", choices=MODES, default=None, help="edit kind (default: inferred from the prompts)")
+    p.add_argument("--blend", nargs="+", metavar="WORD", default=None, help="local blend: change only these words")
+    p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE", default=None, help="scale a word's attention")
+    p.add_argument(
+        "--cross-replace",
+        nargs="+",
+        metavar="FRACTION|WORD=FRACTION",
+        default=None,
+        help=f"fraction of steps injecting the source's cross-attention (default {CROSS_REPLACE_STEPS}); "
+        "WORD=FRACTION sets one target word's",
+    )
+    p.add_argument("--self-replace", type=float, default=SELF_REPLACE_STEPS, help="fraction for self-attention")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the inversion's")
+    p.add_argument("--attention", action="store_true", help="also save each token's cross-attention map (PNG)")
+    p.add_argument("--model", default=None, help="model to load (default: the one recorded in the inversion)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--output", default=None, help="picture folder (single form; default: <inversion dir>/edits)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="edits per sampling pass")
+    p.add_argument("--results", default=None, help="results JSONL (batch form; default OUTPUT_DIR/edit_results.jsonl)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:
+    """["cat=2", "red car=0.5"] → {"cat": 2.0, "red car": 0.5}."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        word, sep, value = item.rpartition("=")
+        try:
+            if not sep or not word.strip():
+                raise ValueError
+            out[word.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not WORD=NUMBER") from None
+    return out
+
+
+def parse_cross_replace(items: list[str] | float | dict | None):
+    """CLI list or JSON value → a fraction, a [start, end] pair or {"default_": …, word: …}."""
+    if items is None:
+        return CROSS_REPLACE_STEPS
+    if isinstance(items, (int, float)):
+        return float(items)
+    if isinstance(items, dict):
+        return {("default_" if k in ("default", "default_") else k): _window(v) for k, v in items.items()}
+    if isinstance(items, list) and len(items) == 2 and all(isinstance(v, (int, float)) for v in items):
+        return (float(items[0]), float(items[1]))
+    plain = [i for i in items if "=" not in str(i)]
+    if len(plain) > 1:
+        raise ValueError(f"--cross-replace: give one default fraction, got {plain}")
+    words = parse_assignments([i for i in items if "=" in str(i)], "--cross-replace")
+    default = float(plain[0]) if plain else CROSS_REPLACE_STEPS
+    return {"default_": default, **words} if words else default
+
+
+def _window(v):
+    return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
+
+
+def spec_from_record(rec: dict) -> tuple[EditSpec, float | None]:
+    """One JSONL line → (EditSpec, guidance scale or None). Raises ValueError naming the bad field."""
+    unknown = sorted(set(rec) - EDIT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(EDIT_KEYS)}")
+    target = rec.get("target")
+    if not isinstance(target, str):
+        raise ValueError('missing "target" (the target prompt)')
+    blend = rec.get("blend")
+    blend = [blend] if isinstance(blend, str) else blend
+    reweight = rec.get("reweight")
+    if isinstance(reweight, list):
+        reweight = parse_assignments(reweight, "reweight")
+    elif reweight is not None and not isinstance(reweight, dict):
+        raise ValueError('"reweight" must be {"word": scale} or ["word=scale", ...]')
+    spec = EditSpec(
+        target=target,
+        mode=rec.get("mode"),
+        cross_replace_steps=parse_cross_replace(rec.get("cross_replace")),
+        self_replace_steps=_window(rec.get("self_replace", SELF_REPLACE_STEPS)),
+        blend_words=blend,
+        reweight={k: float(v) for k, v in reweight.items()} if reweight else None,
+    )
+    guidance = rec.get("guidance_scale")
+    return spec, float(guidance) if guidance is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------
+
+EDIT_ERRORS = (AlignmentError, WordNotInPromptError, PromptError, ValueError, FileNotFoundError)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "edit"
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_pictures(
+    folder: Path, stem: str, result: EditResult, k: int, strip_input: Image.Image, attention: bool
+) -> dict[str, Path]:
+    """The edit, the strip (input | reconstruction | edit) and optionally the attention figure."""
+    from nti_lightning.metrics import make_strip
+
+    paths = {"edit": folder / f"{stem}.png", "strip": folder / f"{stem}_strip.png"}
+    save_png(paths["edit"], result.images[k])
+    save_png(paths["strip"], make_strip([strip_input, result.images[0], result.images[k]]))
+    if attention and result.attention is not None:
+        paths["attention"] = folder / f"{stem}_attention.png"
+        save_png(paths["attention"], result.attention_image(k))
+    return paths
+
+
+def load_model_for(inv: Inversion, spec: str | None, device: str | None):
+    import torch
+
+    from nti_lightning.models import load_model
+
+    source = spec or inv.meta.get("model_source") or "tiny"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(source, device=device)
+
+
+def run_edit(args) -> int:
+    """Entry point of ``nti edit`` (argparse namespace from ``add_edit_subparser``)."""
+    try:
+        if args.edits:
+            return run_batch(args)
+        return run_single(args)
+    except EDIT_ERRORS as e:
+        print(f"nti edit: {e}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+
+
+def run_single(args) -> int:
+    # 1. The inversion and its model (load_inversion checks they match)
+    inv = load_inversion(args.inversion)
+    model = load_model_for(inv, args.model, args.device)
+    inv = load_inversion(args.inversion, model)
+    # 2. The edit
+    spec = EditSpec(
+        target=args.target,
+        mode=args.mode,
+        cross_replace_steps=parse_cross_replace(args.cross_replace),
+        self_replace_steps=args.self_replace,
+        blend_words=args.blend,
+        reweight=parse_assignments(args.reweight, "--reweight") or None,
+    )
+    result = edit_batch(model, inv, [spec], args.guidance_scale, return_attention=args.attention)
+    # 3. Pictures
+    folder = Path(args.output) if args.output else Path(args.inversion).resolve().parent / "edits"
+    paths = save_pictures(folder, slug(args.target), result, 1, input_image(model, inv), args.attention)
+    print(f"{result.modes[0] or 'no edit'}: {inv.prompt!r} → {args.target!r}")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+@dataclass
+class Line:
+    number: int  # 1-based line in the JSONL
+    record: dict
+    image_id: str = ""
+    inversion: Path | None = None
+    spec: EditSpec | None = None
+    guidance: float | None = None
+
+
+def read_edit_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, None, f"not valid JSON ({e.msg})"
+                continue
+            yield (n, rec, None) if isinstance(rec, dict) else (n, None, "not a JSON object")
+
+
+def resolve_line(root: Path, line: Line) -> None:
+    rec = line.record
+    if "inversion" in rec:
+        path = Path(rec["inversion"])
+        line.inversion = path if path.is_absolute() else root / path
+        line.image_id = str(rec.get("image_id") or line.inversion.parent.name)
+    elif "image_id" in rec:
+        line.image_id = str(rec["image_id"])
+        line.inversion = root / line.image_id / "inversion.safetensors"
+    else:
+        raise ValueError('give "image_id" (a sub-folder of the output folder) or "inversion" (a file)')
+    if not line.inversion.is_file():
+        raise FileNotFoundError(f"no inversion at {line.inversion}")
+    line.spec, line.guidance = spec_from_record(rec)
+
+
+def run_batch(args) -> int:
+    root = Path(args.inversion)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; the batch form (--edits) takes an `nti invert` output folder")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    results_path = Path(args.results) if args.results else root / "edit_results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text("")
+    counts = {"ok": 0, "failed": 0}
+
+    def record(line: Line, status: str, **fields) -> None:
+        counts[status] += 1
+        rec = {"line": line.number, "image_id": line.image_id or None, "target": line.record.get("target")}
+        rec.update(status=status, **fields)
+        with open(results_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if status == "failed":
+            print(f"line {line.number}: failed: {fields.get('error')}", file=sys.stderr)
+
+    # 1. Read and check every line; group the good ones by (inversion, guidance scale)
+    groups: dict[tuple[Path, float | None], list[Line]] = {}
+    for n, rec, error in read_edit_lines(Path(args.edits)):
+        line = Line(n, rec or {})
+        try:
+            if error:
+                raise ValueError(error)
+            resolve_line(root, line)
+        except EDIT_ERRORS as e:
+            record(line, "failed", error=str(e))
+            continue
+        groups.setdefault((line.inversion.resolve(), line.guidance), []).append(line)
+
+    # 2. One model for the folder (every inversion is checked against it)
+    model = None
+    for (inv_path, guidance), lines in groups.items():
+        try:
+            inv = load_inversion(inv_path)
+            model = model or load_model_for(inv, args.model, args.device)
+            inv = load_inversion(inv_path, model)
+        except Exception as e:  # unreadable file, other model: every edit of this image fails
+            for line in lines:
+                record(line, "failed", error=f"{type(e).__name__}: {e}")
+            continue
+        # 3. Per-line checks against the source prompt (alignment, words), then batches of edits
+        good: list[Line] = []
+        for line in lines:
+            try:
+                check_prompt(model.tokenizer, line.spec.target, label="target")
+                latent_hw = tuple(inv.z_T.shape[-2:])
+                build_controller(model.tokenizer, inv.prompt, [line.spec], inv.num_steps, latent_hw)
+                good.append(line)
+            except EDIT_ERRORS as e:
+                record(line, "failed", error=str(e))
+        strip_input = input_image(model, inv) if good else None
+        for start in range(0, len(good), args.batch_size):
+            chunk = good[start : start + args.batch_size]
+            t0 = time.perf_counter()
+            try:
+                result = edit_batch(model, inv, [ln.spec for ln in chunk], guidance, return_attention=args.attention)
+            except Exception as e:  # e.g. out of memory: these edits fail, the rest go on
+                for line in chunk:
+                    record(line, "failed", error=f"edit failed: {type(e).__name__}: {e}")
+                continue
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for k, line in enumerate(chunk, 1):
+                folder = root / line.image_id / "edits"
+                paths = save_pictures(
+                    folder, f"{line.number:04d}_{slug(line.spec.target)}", result, k, strip_input, args.attention
+                )
+                rel = {name: _relative(p, root) for name, p in paths.items()}
+                record(line, "ok", mode=result.modes[k - 1], paths=rel, seconds=round(seconds, 3))
+    print(f"{counts['ok']} edited, {counts['failed']} failed → {results_path}")
+    return 0
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+__all__ = ["add_edit_subparser", "run_edit"]
