@@ -1,0 +1,134 @@
+"""The authors' null-text loop, written plainly: the reference the batched engine is timed and checked against.
+
+This follows the structure of ``NullInversion`` in the authors' ``null_text_w_ptp.ipynb`` (Mokady et al.
+2023), one image at a time, in float32:
+
+- the pivot: DDIM inversion with the conditional branch only (Algorithm 1, lines 3–4);
+- per timestep a fresh Adam on a copy of the previous ∅ (line 11) with lr 1e-2·(1 − i/100);
+- the conditional ε once per timestep without grad, then up to N inner steps of the unconditional branch
+  with grad (line 9), the early-stop test after ``optimizer.step()`` with the loss from before it;
+- z̄_{t−1} from one batched [∅_t, C] call: the conditional branch recomputed;
+- the UNet weights keep ``requires_grad=True``, so every backward also fills (and accumulates) weight
+  gradients nobody uses.
+
+The arithmetic is the package's own pure functions (``nti_lightning.ddim``), so the engine can be checked
+against it bit for bit where it does the same operations. It exists to be measured, not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from nti_lightning.config import InversionConfig
+from nti_lightning.ddim import (
+    classifier_free_guidance,
+    ddim_inverse_step,
+    ddim_step,
+    early_stop_threshold,
+    latent_mse,
+    null_text_lr,
+    schedule_from_scheduler,
+)
+from nti_lightning.engine import encode_latents
+from nti_lightning.text import encode_null, encode_text
+
+
+@dataclass
+class BaselineResult:
+    """One image's inversion by the authors' loop."""
+
+    null_embeddings: Tensor  # (T, L, D)
+    pivot_z0: Tensor  # (C, h, w): z*_0, the image latent the reconstruction aims at
+    z_T: Tensor  # (C, h, w): the pivot's end, where sampling starts
+    z_0: Tensor  # (C, h, w): z̄_0, the reconstruction latent left by the loop
+    inner_steps: Tensor  # (T,) long: Adam steps taken per timestep
+    unet_calls: dict[str, int] = field(default_factory=dict)  # evaluations by kind (the pivot included)
+
+
+def baseline_invert(model, pixels: Tensor, prompt: str, cfg: InversionConfig) -> BaselineResult:
+    """Null-text-inverts one image (pixels: (1, 3, H, W) in [-1, 1]) the way the authors' code does.
+
+    ``cfg.batch_size``, ``skip_redundant_unet_calls`` and ``pivot_guidance_scale`` are ignored: the loop is
+    the authors' (one image, recomputed conditional branch, w = 1 pivot).
+    """
+    if pixels.shape[0] != 1:
+        raise ValueError(f"the baseline inverts one image at a time, got a batch of {pixels.shape[0]}")
+    unet = model.unet
+    calls = {"pivot": 0, "cond": 0, "uncond_grad": 0, "final_batched": 0}
+
+    def eps(z: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return unet(z, t, encoder_hidden_states=context, return_dict=False)[0].float()
+
+    frozen = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(True)  # as in the authors' code: backward also computes every weight gradient
+    try:
+        # 1. Image and text: z*_0, C = ψ(P), ∅ = ψ("")
+        z0 = encode_latents(model, pixels.to(model.device))  # (1, 4, h, w)
+        cond = encode_text(model, [prompt]).to(z0.device)  # (1, L, D)
+        uncond = encode_null(model, 1).to(z0.device)  # (1, L, D)
+        schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
+        T = schedule.num_steps
+
+        # 2. The pivot: DDIM inversion with w = 1 (``ddim_loop``)
+        latents = [z0]
+        z = z0
+        with torch.no_grad():
+            for k in range(T):
+                t = schedule.timesteps[T - k - 1]
+                z = ddim_inverse_step(schedule, z, eps(z, t, cond), int(t))
+                latents.append(z)
+                calls["pivot"] += 1
+
+        # 3. Null-text optimisation (``null_optimization``)
+        null_list = []
+        inner_steps = torch.zeros(T, dtype=torch.long)
+        latent_cur = latents[-1]
+        for i in range(T):
+            uncond = uncond.clone().detach()
+            uncond.requires_grad = True
+            optimizer = torch.optim.Adam([uncond], lr=null_text_lr(cfg.learning_rate, i, cfg.lr_decay_horizon))
+            latent_prev = latents[len(latents) - i - 2]
+            t = schedule.timesteps[i]
+            with torch.no_grad():
+                eps_cond = eps(latent_cur, t, cond)
+                calls["cond"] += 1
+            threshold = early_stop_threshold(cfg.early_stop_epsilon, cfg.early_stop_slope, i)
+            for _ in range(cfg.num_inner_steps):
+                eps_uncond = eps(latent_cur, t, uncond)
+                calls["uncond_grad"] += 1
+                latents_prev_rec = ddim_step(
+                    schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
+                )
+                loss = latent_mse(latents_prev_rec, latent_prev).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                inner_steps[i] += 1
+                loss_item = loss.item()
+                if not torch.isfinite(torch.tensor(loss_item)):
+                    raise FloatingPointError(f"baseline: non-finite loss at timestep index {i}")
+                if cfg.early_stop and loss_item < threshold:
+                    break
+            null_list.append(uncond[:1].detach())
+            with torch.no_grad():  # ``get_noise_pred``: both branches again, in one batched call
+                context = torch.cat([uncond, cond])  # (2, L, D)
+                eps_uncond, eps_cond = eps(torch.cat([latent_cur] * 2), t, context).chunk(2)
+                calls["final_batched"] += 1
+                latent_cur = ddim_step(
+                    schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
+                )
+    finally:
+        for p, flag in zip(unet.parameters(), frozen):
+            p.requires_grad_(flag)
+            p.grad = None
+    return BaselineResult(
+        null_embeddings=torch.cat(null_list).cpu(),  # (T, L, D)
+        pivot_z0=z0[0].cpu(),
+        z_T=latents[-1][0].cpu(),
+        z_0=latent_cur[0].detach().cpu(),
+        inner_steps=inner_steps,
+        unet_calls=calls,
+    )
