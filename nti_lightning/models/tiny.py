@@ -1,0 +1,168 @@
+"""The embedded default model: a tiny Stable-Diffusion-shaped pipeline shipped with the package.
+
+Every component has SD1.x's layout at a fraction of its width, so the code paths that run on Stable
+Diffusion v1.4 (Mokady et al. 2023 use it for Null-text Inversion) run unchanged here, offline, in seconds:
+
+- UNet2DConditionModel: 3 CrossAttnDownBlock2D + 1 DownBlock2D, mirrored up blocks, a cross-attention mid
+  block, one layer per block (10 transformer blocks = 20 attention modules), widths (32, 32, 64, 64),
+  16×16 latents;
+- AutoencoderKL: 4 levels (downsampling ×8), 4 latent channels, so the native image size is 128 px;
+- CLIPTextModel: hidden size 32, 2 layers, 77 positions, over a small byte-level BPE vocabulary with CLIP's
+  special tokens and pre-tokenisation (``CLIPTokenizer``);
+- DDIMScheduler with SD1.x's betas and ``steps_offset=1`` (timesteps 981, 961, …, 1 for T = 50).
+
+``assets/tiny/`` holds these components with weights trained by ``scripts/train_tiny.py`` (see the README
+there); ``build_random_components`` gives the same architecture with seeded random weights for fast tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the trained model lives
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+"""The shipped diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+
+# ---------------------------------------------------------------------------------------------------------
+# Component configurations
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGE_SIZE = 128  # native resolution in pixels: UNET_CONFIG["sample_size"] × VAE downsampling factor
+VAE_SCALE_FACTOR = 8  # 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)
+LATENT_CHANNELS = 4
+TEXT_HIDDEN_SIZE = 32
+MAX_TEXT_LENGTH = 77  # CLIP's context length; prompts are padded / truncated to it
+
+VOCAB_SIZE = 1280
+"""Tokenizer size: 256 byte symbols, the same 256 ending a word (``</w>``), 766 BPE merges, 2 specials."""
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also the padding and unknown token, as in CLIP
+BOS_TOKEN_ID = VOCAB_SIZE - 2  # CLIP puts its two special tokens last
+EOS_TOKEN_ID = VOCAB_SIZE - 1
+
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE // VAE_SCALE_FACTOR,  # 16×16 latents
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 32, 64, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "cross_attention_dim": TEXT_HIDDEN_SIZE,
+    "attention_head_dim": 8,  # as in SD1.x, diffusers reads this as the number of heads
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (16, 16, 32, 32),
+    "layers_per_block": 1,
+    "latent_channels": LATENT_CHANNELS,
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+    "scaling_factor": 0.18215,  # SD1.x's value; the trained latent space is rescaled so that this holds
+}
+
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": TEXT_HIDDEN_SIZE,
+    "intermediate_size": 4 * TEXT_HIDDEN_SIZE,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_TEXT_LENGTH,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": BOS_TOKEN_ID,
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": EOS_TOKEN_ID,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
+    """Loads the shipped BPE tokenizer (``vocab.json`` + ``merges.txt``) as a ``CLIPTokenizer``.
+
+    ``path`` defaults to ``TINY_DIR / "tokenizer"``. Lower-casing, CLIP's word split and the ``</w>``
+    end-of-word suffix come from ``CLIPTokenizer`` itself; prompts are padded and truncated to 77 tokens.
+    """
+    folder = Path(path) if path is not None else TINY_DIR / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"tokenizer file {folder / name} is missing; run scripts/train_tiny.py")
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=MAX_TEXT_LENGTH,
+    )
+    if len(tokenizer) != VOCAB_SIZE:
+        raise ValueError(f"tokenizer in {folder} has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
+    return tokenizer
+
+
+def build_scheduler() -> DDIMScheduler:
+    """DDIM with SD1.x's scaled-linear betas and ``steps_offset=1``."""
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def build_random_components(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> dict[str, Any]:
+    """The tiny pipeline's components with seeded random weights, for fast tests.
+
+    Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}``, ready for
+    ``StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+    requires_safety_checker=False)``. The same seed gives bit-identical weights. The models are in eval
+    mode and fp32; a random UNet is no denoiser, so use these for equality tests, not for quality.
+    ``tokenizer`` defaults to the shipped one (``build_tokenizer()``).
+    """
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**copy.deepcopy(UNET_CONFIG))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**copy.deepcopy(VAE_CONFIG))
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer if tokenizer is not None else build_tokenizer(),
+        "scheduler": build_scheduler(),
+    }
