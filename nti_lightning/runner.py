@@ -649,8 +649,8 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
 
 def format_header() -> str:
     return (
-        f"{'image':<28} {'status':<7} {'PSNR no-NTI':>11} {'PSNR NTI':>9} {'(vs VAE round trip)':>20} "
-        f"{'PSNR NTI vs input':>17} {'inner steps':>11} {'s/img':>7}"
+        f"{'image':<28} {'status':<7} {'no-NTI*':>11} {'NTI*':>9} {'NTI vs input':>17} {'inner steps':>11} "
+        f"{'s/img':>7}    (* PSNR vs the VAE round trip)"
     )
 
 
@@ -660,13 +660,9 @@ def format_row(rec: dict) -> str:
     m = rec["metrics"]
     base = m.get("ddim_no_nti", {}).get("vs_vae", {}).get("psnr", float("nan"))
     return (
-        f"{rec['id']:<28} {'ok':<7} {base:>9.2f}dB {m['nti']['vs_vae']['psnr']:>7.2f}dB {'':>20} "
+        f"{rec['id']:<28} {'ok':<7} {base:>9.2f}dB {m['nti']['vs_vae']['psnr']:>7.2f}dB "
         f"{m['nti']['vs_input']['psnr']:>15.2f}dB {m['inner_steps']:>11} {rec['seconds']:>7.1f}"
     )
-
-
-def remove_output(out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 __all__ = [

@@ -24,6 +24,14 @@ def random_model():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, random_model):
+    """The random tiny model written by ``save_pretrained``: a local diffusers folder for ``model.spec``."""
+    d = tmp_path_factory.mktemp("model")
+    random_model.pipeline.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     """The embedded default with its trained weights."""
     from nti_lightning import load_model

@@ -40,13 +40,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, random_model):
-    d = tmp_path_factory.mktemp("model")
-    random_model.pipeline.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(1)
