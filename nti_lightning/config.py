@@ -140,7 +140,8 @@ class OutputConfig:
     dir: str = "outputs/nti"
     """Output folder: manifest.jsonl, config.yaml and one sub-folder per image."""
     save_strip: bool = True
-    """Write input | DDIM w=7.5 without NTI | NTI reconstruction side by side."""
+    """Write input | VAE round trip | DDIM w=7.5 without NTI | NTI reconstruction side by side (the VAE
+    round trip is the best any latent inversion can reach: judge NTI against it)."""
     compute_baseline: bool = True
     """Also reconstruct without NTI (DDIM inversion + w) for the strip and the metrics table."""
     checkpoint_every: int = 10

@@ -559,14 +559,15 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
                 "skipped_steps": int(inv.meta.get("skipped_steps", 0)),
             }
             summary.skipped_steps += metrics["skipped_steps"]
-            pictures = [tensor_to_image(px), tensor_to_image(nti_img[k])]
+            # input | VAE round trip (the best a latent method can reach) | [no NTI] | NTI
+            pictures = [tensor_to_image(px), tensor_to_image(vae_img[k]), tensor_to_image(nti_img[k])]
             if cfg.output.compute_baseline:
                 metrics["ddim_no_nti"] = {
                     "vs_input": image_metrics(base_img[k], px),
                     "vs_vae": image_metrics(base_img[k], vae_img[k]),
                 }
                 metrics["ddim_no_nti_latent_mse"] = latent_mse_value(base_lat[k], z0[k])
-                pictures.insert(1, tensor_to_image(base_img[k]))
+                pictures.insert(2, tensor_to_image(base_img[k]))
             atomic_save_image(d / "reconstruction.png", pictures[-1])
             paths = {"inversion": f"{rel}/inversion.safetensors", "reconstruction": f"{rel}/reconstruction.png"}
             if cfg.output.save_strip:
