@@ -156,7 +156,7 @@ def load_model(
                 "the model elsewhere and pass its local folder."
             ) from e
     model = model_from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source)
-    if device is not None:
+    if device is not None and torch.device(device) != model.device:  # .to() on the same device only warns
         model.to(device)
     return model
 
