@@ -475,7 +475,8 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
                     f"ignoring stale checkpoint {ckpt_path}: it was made for another batch or settings "
                     f"({', '.join(diff)} differ); this batch starts from timestep 0"
                 )
-            else:
+                ckpt_path.unlink(missing_ok=True)
+            else:  # kept until process() has written the batch: a second kill resumes from it again
                 module.load_state_dict(pending_ckpt["module"])
                 s = pending_ckpt["state"]
                 state = LoopState(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()})
@@ -484,7 +485,6 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
                 summary.resumed += 1
                 log(f"resuming batch {batch_id['ids']} at timestep index {state.step_index}/{T} from {ckpt_path}")
             pending_ckpt = None
-            ckpt_path.unlink(missing_ok=True)
 
         def on_timestep_end(st: LoopState) -> None:
             nonlocal step
