@@ -162,10 +162,11 @@ def optimize_null_text(
                 )
             )  # (n,)
             state.unet_calls["uncond_grad"] += 1
-            loss_value = loss.detach().cpu()
+            loss_value = loss.detach().cpu()  # one host sync per inner step
+            rows_cpu = rows.cpu()
             finite = torch.isfinite(loss_value)
             if not bool(finite.all()):
-                bad = rows.cpu()[~finite]
+                bad = rows_cpu[~finite]
                 state.failed[bad] = True
                 active[bad.to(device)] = False
             frozen = ~active  # rows that must not move in this step
@@ -175,13 +176,13 @@ def optimize_null_text(
             stepped = runtime.optimizer_step(optimizer)
             with torch.no_grad():
                 null_t[frozen] = keep
-            state.final_loss[i, rows.cpu()] = loss_value
+            state.final_loss[i, rows_cpu] = loss_value
             if not stepped:  # 16-mixed overflow: nothing moved; counted, and not charged to the budget of N
-                state.skipped_steps[rows.cpu()[finite]] += 1
+                state.skipped_steps[rows_cpu[finite]] += 1
                 if int(state.skipped_steps.max()) > 10 * max(cfg.num_inner_steps, 1) * T:
                     raise FloatingPointError("GradScaler skipped too many steps; use bf16-mixed or 32-true")
                 continue
-            state.inner_steps[i, rows.cpu()[finite]] += 1
+            state.inner_steps[i, rows_cpu[finite]] += 1
             applied += 1
             if cfg.early_stop:
                 # the test uses the loss from before this update; the update is kept (authors' order)
