@@ -54,6 +54,27 @@ class Runtime:
         return scaler.get_scale() >= before
 
 
+# Measured by scripts/precision_benchmark.py on the bundled tiny model (README, Precision): the PSNR of the
+# NTI reconstruction each mixed mode loses against fp32. "auto" takes the fastest mode under 0.5 dB.
+AUTO_PRECISION_MAX_LOSS_DB = 0.5
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``trainer.precision="auto"`` → the fastest precision that loses < 0.5 dB PSNR against fp32.
+
+    On a CUDA GPU with bf16 tensor cores (Ampere and newer) that is ``bf16-mixed``: as fast as fp16 and no
+    GradScaler (no skipped steps, no unscale pass); on older CUDA GPUs ``16-mixed``. On CPU (and MPS)
+    ``32-true``: mixed precision is slower there without AMX, and fp32 keeps resume bit-exact.
+    Any other value is returned unchanged.
+    """
+    if precision != "auto":
+        return precision
+    on_cuda = accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available()
+    if not on_cuda:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+
+
 def one_at_a_time(fn):
     """Calls ``fn`` row by row over the leading dimension of every tensor argument and concatenates: the
     numbers of a batch of B equal B separate calls (``InversionConfig.batch_invariant``)."""

@@ -53,3 +53,19 @@ def test_api_overrides():
     assert c.num_inner_steps == 2 and c.batch_size == 4 and c.num_ddim_steps == 50
     with pytest.raises(ConfigError, match="num_steps"):
         apply_overrides(InversionConfig(), num_steps=3)
+
+
+def test_auto_precision_resolves_per_device(monkeypatch):
+    import torch
+
+    from nti_lightning.runtime import resolve_precision
+
+    assert RunConfig().trainer.precision == "auto"
+    assert resolve_precision("16-mixed", "cuda") == "16-mixed"  # an explicit choice is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto", "auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("auto", "cpu") == "32-true"  # CUDA present but CPU asked for
+    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=bf16: v)
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == expected
