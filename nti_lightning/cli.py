@@ -3,8 +3,9 @@
   nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--config YAML] [key=value ...]
   nti status OUTPUT
 
-Exit status of ``nti invert``: 0 done (failed images are in the manifest), 2 configuration error or an output
-folder made with other settings, 75 preempted by SIGTERM/SIGUSR1 with the state saved (rerun to resume).
+Exit status of ``nti invert``: 0 done (failed images are in the manifest), 1 an error (also: another rank that
+this process launched failed), 2 configuration error or an output folder made with other settings, 75 preempted
+by SIGTERM/SIGUSR1/SIGUSR2 with the state saved, on any rank (rerun to resume).
   nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
 
 ``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     inv = sub.add_parser("invert", help="invert a folder or list of images (default: the bundled samples)")
-    inv.add_argument("--images", nargs="+", default=None, help="image files and/or folders (recursive)")
+    inv.add_argument("--images", nargs="+", default=None, help="files, folders (recursive) or .jsonl/.csv/.txt lists")
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
     inv.add_argument("--config", default=None, help="YAML config (see configs/)")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_invert(args) -> int:
     from nti_lightning.config import ConfigError, load_config
-    from nti_lightning.runner import OutputMismatchError, format_header, format_row, run_inversion
+    from nti_lightning.runner import OutputMismatchError, RankFailedError, format_header, format_row, run_inversion
 
     overrides = list(args.overrides)
     if args.images:
@@ -70,13 +71,18 @@ def cmd_invert(args) -> int:
     except OutputMismatchError as e:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except RankFailedError as e:  # another rank launched by this process failed (this one finished)
+        print(f"nti invert: {e}", file=sys.stderr)
+        return 1
     rows = summary.done + summary.failed
     if rows:
         print(format_header())
         for rec in rows:
             print(format_row(rec))
+        if len(rows) < summary.n_done + summary.n_failed:
+            print(f"(the first {len(rows)} rows; all of them are in the manifest, `nti status` lists the failures)")
     print(
-        f"{len(summary.done)} inverted, {len(summary.failed)} failed, {summary.skipped} already done "
+        f"{summary.n_done} inverted, {summary.n_failed} failed, {summary.skipped} already done "
         f"→ {summary.output}/manifest*.jsonl"
     )
     if summary.preempted:

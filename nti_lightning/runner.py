@@ -25,10 +25,11 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,13 +41,13 @@ from nti_lightning.api import (
     reconstruction_latents,
 )
 from nti_lightning.config import RunConfig, config_to_yaml
-from nti_lightning.dataset import SAMPLES_DIR, CaptionError, Item, iter_items, read_captions
+from nti_lightning.dataset import SAMPLES_DIR, CaptionError, Item, iter_items, read_captions, temp_db
 from nti_lightning.engine import decode_latents
 from nti_lightning.image import ImageError, prepare_image, tensor_to_image
 from nti_lightning.inversion import save_inversion
 from nti_lightning.metrics import image_metrics, latent_mse_value, make_strip
 from nti_lightning.nulltext import LoopState, NullTextInversionModule
-from nti_lightning.runtime import Runtime
+from nti_lightning.runtime import Runtime, resolve_precision
 from nti_lightning.text import PromptError, check_prompt
 
 EXIT_PREEMPTED = 75
@@ -142,6 +143,68 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
+class Previous(NamedTuple):
+    """What a rerun needs of an id's latest manifest record."""
+
+    status: str | None
+    inversion: str | None  # paths.inversion of an "ok" record
+    error: str | None  # of a record that is not "ok"
+
+
+class ManifestIndex:
+    """The latest record of every id of a run's ``manifest*.jsonl`` reduced to ``Previous`` (status, inversion
+    path, error), in a temporary SQLite database: a rerun over 10^7 images decides what to skip without holding
+    the ~1 KB records in memory. Same merge as ``read_manifest``: files in name order, the latest
+    ``finished_at`` wins (on a tie the later line), a line cut by a crash is skipped."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self._db = temp_db()
+        self._db.execute(
+            "CREATE TABLE m (id TEXT PRIMARY KEY, status TEXT, inversion TEXT, error TEXT, finished_at REAL) "
+            "WITHOUT ROWID"
+        )
+        self._db.executemany(
+            "INSERT INTO m VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+            "inversion = excluded.inversion, error = excluded.error, finished_at = excluded.finished_at "
+            "WHERE excluded.finished_at >= m.finished_at",
+            self._rows(Path(out_dir)),
+        )
+
+    @staticmethod
+    def _rows(out_dir: Path) -> Iterator[tuple]:
+        for p in sorted(out_dir.glob("manifest*.jsonl")):
+            with open(p, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    if not isinstance(rec, dict) or "id" not in rec:
+                        continue
+                    status = rec.get("status")
+                    paths = rec.get("paths")
+                    inversion = paths.get("inversion") if status == "ok" and isinstance(paths, dict) else None
+                    error = None if status == "ok" else rec.get("error", "")
+                    yield rec["id"], status, inversion, error, rec.get("finished_at", 0)
+
+    def get(self, item_id: str) -> Previous | None:
+        row = self._db.execute("SELECT status, inversion, error FROM m WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else Previous(*row)
+
+    def count(self, status: str = "ok") -> int:
+        return self._db.execute("SELECT COUNT(*) FROM m WHERE status = ?", (status,)).fetchone()[0]
+
+    def failed(self) -> Iterator[tuple[str, str | None]]:
+        """(id, error) of every id whose latest record is not "ok", sorted by id (streamed)."""
+        return iter(self._db.execute("SELECT id, error FROM m WHERE status IS NOT 'ok' ORDER BY id"))
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM m").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
 def item_relpath(item_id: str, subdirs: bool = False) -> str:
     """``<id>`` or, with ``output.subdirs``, ``<ab>/<id>`` where ab are the first hex digits of sha1(id)."""
     if not subdirs:
@@ -234,6 +297,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, object] = {}
+        self._forward_to: Callable[[], list[int]] | None = None
         for sig in self.SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -242,6 +306,22 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        try:  # never raise into the interrupted code
+            for pid in self._forward_to() if self._forward_to is not None else ():
+                try:
+                    os.kill(pid, signum)
+                except OSError:  # exited meanwhile
+                    pass
+        except Exception:
+            pass
+
+    def forward(self, pids: Callable[[], list[int]]) -> None:
+        """Passes every stop signal on to ``pids()``: the ranks this process launched (``ddp`` without
+        srun/torchrun, ``ddp_spawn``), so that ``kill <launcher>`` stops and saves every rank, not only rank 0.
+        A signal that came before the ranks existed is passed on now."""
+        self._forward_to = pids
+        if self.signum is not None:
+            self._handle(self.signum, None)
 
     @property
     def requested(self) -> bool:
@@ -271,15 +351,31 @@ def requeue_slurm_job(log) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+SUMMARY_ROWS = 1000
+
+
 @dataclass
 class RunSummary:
+    """This process's counts; ``done``/``failed`` keep the first ``SUMMARY_ROWS`` records each (the manifest has
+    them all), so a rank that inverts millions of images does not grow with them."""
+
     output: Path
+    n_done: int = 0
+    n_failed: int = 0
     done: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     skipped: int = 0
     preempted: bool = False
     resumed: int = 0
     skipped_steps: int = 0
+
+    def add(self, rec: dict) -> None:
+        ok = rec["status"] == "ok"
+        self.n_done += ok
+        self.n_failed += not ok
+        rows = self.done if ok else self.failed
+        if len(rows) < SUMMARY_ROWS:
+            rows.append(rec)
 
 
 def run_identity(cfg: RunConfig, model) -> dict:
@@ -352,36 +448,152 @@ def run_inversion(
     fabric=None,
 ) -> RunSummary:
     """Inverts every image of ``cfg.data`` into ``cfg.output.dir``; returns this rank's summary (rank 0's
-    under ``ddp_spawn``). ``summary.preempted``: a signal stopped the run with its state saved."""
-    if fabric is None and cfg.trainer.strategy == "ddp_spawn":
-        fabric = make_fabric(cfg, launch=False)
-        return fabric.launch(_run_rank, cfg, overwrite, retry_failed, quiet)
-    return _run_rank(fabric or make_fabric(cfg), cfg, overwrite, retry_failed, quiet)
+    under ``ddp_spawn``). ``summary.preempted``: a signal stopped the run with its state saved.
 
-
-def _run_rank(fabric, cfg: RunConfig, overwrite: bool, retry_failed: bool, quiet: bool) -> RunSummary:
-    from nti_lightning.models import load_model
-
-    out_dir = Path(cfg.output.dir)
-    stop = StopFlag()
+    Where this process launches the other ranks itself (``trainer.strategy=ddp`` without srun/torchrun, or
+    ``ddp_spawn``) it passes stop signals on to them and waits for them: the summary is ``preempted`` if any
+    rank was, and ``RankFailedError`` is raised if any rank failed."""
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if precision != cfg.trainer.precision:  # "auto": record the mode that actually runs
+        cfg = replace(cfg, trainer=replace(cfg.trainer, precision=precision))
+    if fabric is not None:
+        return _run_rank(fabric, cfg, overwrite, retry_failed, quiet)
+    stop = StopFlag()  # before the launch: a signal then reaches the ranks this process starts
     try:
-        return _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
+        if cfg.trainer.strategy == "ddp_spawn":
+            return _run_spawned(cfg, stop, overwrite, retry_failed, quiet)
+        fabric = make_fabric(cfg)
+        launcher = getattr(fabric.strategy, "launcher", None)
+        procs = list(getattr(launcher, "procs", None) or [])  # Lightning's own `ddp` launch; none under srun
+        stop.forward(lambda: [p.pid for p in procs if p.returncode is None])
+        ranks: dict[int, subprocess.Popen] = {}
+
+        def take_over() -> None:  # after the start-up barrier: every rank is up and no collective follows
+            ranks.update(take_over_launched_ranks(fabric))
+
+        try:
+            summary = _run_rank(fabric, cfg, overwrite, retry_failed, quiet, stop=stop, on_started=take_over)
+        except BaseException:
+            # this rank failed: the ranks it launched must not run on alone (before the start-up barrier they
+            # have done nothing yet and wait in it: kill them; after it, let them save first)
+            stop_ranks(procs, grace_s=30.0 if ranks else 0.0)
+            raise
+        if ranks:
+            _note(cfg, fabric.global_rank, quiet, f"waiting for the rank(s) {sorted(ranks)} this process launched")
+            settle_ranks(summary, {r: p.wait() for r, p in ranks.items()})
+        return summary
     finally:
         stop.restore()
 
 
-def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model) -> RunSummary:
+def _run_spawned(cfg: RunConfig, stop: StopFlag, overwrite: bool, retry_failed: bool, quiet: bool) -> RunSummary:
+    """``ddp_spawn``: this process starts every rank; each reports its outcome in shared memory, since Lightning
+    returns rank 0's summary only."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    fabric = make_fabric(cfg, launch=False)
+    outcomes = mp.get_context("spawn").Array("i", [-1] * fabric.world_size, lock=False)
+    stop.forward(lambda: [p.pid for p in multiprocessing.active_children()])
+    summary = fabric.launch(_run_rank, cfg, overwrite, retry_failed, quiet, None, outcomes)
+    settle_ranks(summary, dict(enumerate(outcomes)))
+    return summary
+
+
+def take_over_launched_ranks(fabric) -> dict[int, subprocess.Popen]:
+    """The rank processes that Lightning's ``ddp`` (popen) launcher started from this one, by global rank (none
+    under srun/torchrun: the cluster starts every rank). This process watches them from now on instead of
+    Lightning's child-process observer, which SIGKILLs the launcher as soon as a child exits non-zero — with
+    ``EXIT_PREEMPTED`` too, while this rank is still saving its own state."""
+    procs = getattr(getattr(fabric.strategy, "launcher", None), "procs", None)
+    if not procs:
+        return {}
+    ranks = {fabric.global_rank + i: p for i, p in enumerate(procs, 1)}
+    procs.clear()  # the observer holds this very list: empty, it has nothing left to watch and ends
+    return ranks
+
+
+class RankFailedError(RuntimeError):
+    """A rank launched by this process ended with an error (its ``logs/rank{r}.log`` says more)."""
+
+
+def settle_ranks(summary: RunSummary, codes: dict[int, int]) -> None:
+    """Folds the outcomes of the ranks this process launched into its summary: ``preempted`` if any rank stopped
+    on a signal (exit 75, or killed by the signal before its handler was installed), an error if any failed."""
+    preempted = {EXIT_PREEMPTED, *(-s for s in StopFlag.SIGNALS)}
+    failed = {r: c for r, c in codes.items() if c != 0 and c not in preempted}
+    summary.preempted = summary.preempted or any(c in preempted for c in codes.values())
+    if failed:
+        raise RankFailedError(
+            f"rank(s) {sorted(failed)} failed (exit codes {failed}; a negative code is the signal that killed it); "
+            f"see {summary.output}/logs/rank*.log. Finished images are recorded; rerun to complete the rest."
+        )
+
+
+def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM (they save and exit), then SIGKILL what is still running after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate() if grace_s > 0 else p.kill()
+    end = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _note(cfg: RunConfig, rank: int, quiet: bool, line: str) -> None:
+    """A line for this rank's log file (and stderr unless quiet), outside ``_run``."""
+    shard, num_shards = cfg.data.shard_index, cfg.data.num_shards
+    worker = f"shard{shard}.rank{rank}" if num_shards > 1 else f"rank{rank}"
+    with open(Path(cfg.output.dir) / "logs" / f"{worker}.log", "a", encoding="utf-8") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    if not quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _run_rank(
+    fabric,
+    cfg: RunConfig,
+    overwrite: bool,
+    retry_failed: bool,
+    quiet: bool,
+    stop: StopFlag | None = None,
+    outcomes=None,
+    on_started: Callable[[], None] | None = None,
+) -> RunSummary:
+    from nti_lightning.models import load_model
+
+    out_dir = Path(cfg.output.dir)
+    own_stop = stop is None
+    stop = stop if stop is not None else StopFlag()
+    try:
+        summary = _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model, on_started)
+    finally:
+        if own_stop:
+            stop.restore()
+    if outcomes is not None:  # ddp_spawn: this rank's outcome for the launching process
+        outcomes[fabric.global_rank] = EXIT_PREEMPTED if summary.preempted else 0
+    return summary
+
+
+def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model, on_started=None) -> RunSummary:
     rank, world = fabric.global_rank, fabric.world_size
     shard, num_shards = cfg.data.shard_index, cfg.data.num_shards
     worker = f"shard{shard}.rank{rank}" if num_shards > 1 else f"rank{rank}"
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "logs" / f"{worker}.log", "a", encoding="utf-8")  # noqa: SIM115
+    bar = None  # rank 0's progress bar, once made (below): lines are then written above it
 
     def log(*parts) -> None:
         line = " ".join(str(p) for p in parts)
         log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         log_file.flush()
-        if not quiet:
+        if not quiet and bar is not None:
+            bar.write(line, file=sys.stderr)
+        elif not quiet:
             print(line, file=sys.stderr, flush=True)
 
     # 1. The frozen model on this rank's device; the metrics logger (rank 0; Lightning loggers are rank-0-only)
@@ -389,11 +601,7 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
     runtime = Runtime(fabric)
     size = image_size_for(model, cfg.inversion)
     T = cfg.inversion.num_ddim_steps
-    metrics_logger = None
-    if cfg.output.logger == "csv" and rank == 0:
-        from lightning.fabric.loggers import CSVLogger
-
-        metrics_logger = CSVLogger(out_dir / "logs", name=f"metrics_shard{shard}", flush_logs_every_n_steps=T)
+    metrics_logger = make_metrics_logger(cfg.output.logger, out_dir / "logs", shard, T, log) if rank == 0 else None
 
     # 2. Output folder: refuse results of other settings; record the resolved config; clean after kill -9
     identity = run_identity(cfg, model)
@@ -402,39 +610,56 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
         check_output_identity(out_dir, identity, overwrite)
         atomic_write_bytes(out_dir / "config.yaml", config_to_yaml(cfg).encode())
     fabric.barrier()  # the only collective: before it, rank 0 may delete stale results (--overwrite)
+    if on_started is not None:
+        on_started()
     if rank != 0:
         check_output_identity(out_dir, identity, overwrite=False)
     manifest = out_dir / manifest_name(rank, world, shard, num_shards)
     ckpt_path = checkpoint_path(out_dir, rank, shard)
-    previous = read_manifest(out_dir)
+    previous = ManifestIndex(out_dir)  # id → latest status and inversion path, on disk
 
-    # 3. Items: captions, this worker's static shard, minus what is already done
+    # 3. Items: captions, this worker's static shard, minus what is already done. Streamed, never held in
+    # memory: pass 1 counts (total for progress.json, this worker's todo for the bar), pass 2 feeds the loop.
     images, captions_path = resolve_inputs(cfg)
     captions, warnings = read_captions(captions_path) if captions_path else (None, [])
     for w in warnings:
         log(f"warning: {w}")
     summary = RunSummary(out_dir)
-    all_items = list(iter_items(images, captions, cfg.data.default_prompt))
-    if rank == 0:
-        progress = {"total": len(all_items), "num_shards": num_shards, "world_size": world}
-        atomic_write_bytes(out_dir / "progress.json", json.dumps(progress).encode())
-    todo: list[Item] = []
-    for k, item in enumerate(all_items):
-        if k % num_shards != shard or (k // num_shards) % world != rank:
-            continue
+
+    def mine(k: int) -> bool:  # the static split: item k → shard k mod S, then rank (k div S) mod world
+        return k % num_shards == shard and (k // num_shards) % world == rank
+
+    def already_done(item: Item) -> bool:
         prev = previous.get(item.id)
-        if prev is not None and (prev["status"] == "ok" or not retry_failed):
-            if prev["status"] != "ok" or (out_dir / prev["paths"]["inversion"]).is_file():
+        if prev is not None and (prev.status == "ok" or not retry_failed):
+            return prev.status != "ok" or (prev.inversion is not None and (out_dir / prev.inversion).is_file())
+        return False
+
+    total = n_todo = 0
+    for k, item in enumerate(iter_items(images, None)):  # ids only: prompts are not needed to count
+        total += 1
+        if mine(k):
+            if already_done(item):
                 summary.skipped += 1
-                continue
-        remove_stale_tmp(item_dir(out_dir, item.id, cfg.output.subdirs), owned=True)
-        todo.append(item)
+            else:
+                n_todo += 1
+    if rank == 0:
+        progress = {"total": total, "num_shards": num_shards, "world_size": world}
+        atomic_write_bytes(out_dir / "progress.json", json.dumps(progress).encode())
+
+    def pending_items() -> Iterator[Item]:
+        for k, item in enumerate(iter_items(images, captions, cfg.data.default_prompt)):
+            if mine(k) and not already_done(item):
+                remove_stale_tmp(item_dir(out_dir, item.id, cfg.output.subdirs), owned=True)
+                yield item
+
+    todo = pending_items()  # lazy: consumed by loaded() below
     for p in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # this worker's own, cut by a kill
         p.unlink(missing_ok=True)
     pending_ckpt = load_checkpoint(ckpt_path)
     if pending_ckpt is not None and pending_ckpt.get("format") == CHECKPOINT_FORMAT:
         ids = json.loads(pending_ckpt["identity"]).get("ids", [])
-        if ids and all(previous.get(i, {}).get("status") == "ok" for i in ids):
+        if ids and all(getattr(previous.get(i), "status", None) == "ok" for i in ids):
             pending_ckpt = None  # killed after its batch was recorded, before the checkpoint was removed
             ckpt_path.unlink(missing_ok=True)
 
@@ -442,9 +667,11 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
     if rank == 0 and cfg.output.progress_bar and not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), unit="img", desc=f"{worker} inverting", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=n_todo, unit="img", desc=f"{worker} inverting", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
+    postfix: dict[str, str] = {}  # the bar's: images per hour, inner steps of the current timestep
     step = 0  # metrics-logger step: timesteps optimised by this worker in this process
+    batches_started = 0  # metrics-logger "batch" column: batches of this worker in this process
 
     def record(item: Item, status: str, **fields) -> dict:
         rec = {"id": item.id, "source": item.path, "prompt": item.prompt, "status": status, "rank": rank}
@@ -452,18 +679,20 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
             rec["shard"] = shard
         rec.update(fields, finished_at=time.time())
         append_manifest(manifest, rec)
-        (summary.done if status == "ok" else summary.failed).append(rec)
+        summary.add(rec)
         if status != "ok":
             log(f"failed {item.id}: {rec.get('error')}")
         if bar is not None:
             bar.update(1)
-            n = len(summary.done) + len(summary.failed)
-            bar.set_postfix(img_per_h=f"{3600 * n / max(time.perf_counter() - t_start, 1e-9):.0f}")
+            n = summary.n_done + summary.n_failed
+            postfix["img_per_h"] = f"{3600 * n / max(time.perf_counter() - t_start, 1e-9):.0f}"
+            bar.set_postfix(postfix)
         return rec
 
     # 4. Batches: images decoded ahead in a background thread while the current batch optimises
     def optimise(items: list[Item], pixels: torch.Tensor):
-        nonlocal pending_ckpt, step
+        nonlocal pending_ckpt, step, batches_started
+        batches_started += 1
         prepared = prepare_batch(model, pixels.to(model.device), [it.prompt for it in items], cfg.inversion, runtime)
         module = NullTextInversionModule(prepared.null, T).to(model.device)
         state = None
@@ -489,15 +718,25 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
         def on_timestep_end(st: LoopState) -> None:
             nonlocal step
             i = st.step_index - 1
-            if metrics_logger is not None:
-                loss = st.final_loss[i]
-                metrics = {"timestep": float(prepared.schedule.timesteps[i]), "step_index": float(i)}
-                metrics.update({f"loss/{it.id}": float(loss[b]) for b, it in enumerate(items)})
-                metrics.update({f"inner_steps/{it.id}": float(st.inner_steps[i, b]) for b, it in enumerate(items)})
+            if metrics_logger is not None:  # fixed columns: a new column makes CSVLogger rewrite its whole file
+                loss, inner = st.final_loss[i].float(), st.inner_steps[i].float()  # (B,)
+                metrics = {
+                    "timestep": float(prepared.schedule.timesteps[i]),
+                    "step_index": float(i),
+                    "batch": float(batches_started - 1),
+                    "images": float(len(items)),
+                    "loss_mean": float(loss.mean()),
+                    "loss_max": float(loss.max()),
+                    "inner_steps_mean": float(inner.mean()),
+                    "inner_steps_max": float(inner.max()),
+                    "inner_steps_total": float(inner.sum()),
+                }
                 metrics_logger.log_metrics(metrics, step=step)
             step += 1
             if bar is not None:
-                bar.set_description(f"{worker} t {st.step_index}/{T}")
+                bar.set_description(f"{worker} t {st.step_index}/{T}", refresh=False)
+                postfix["inner"] = f"{int(st.inner_steps[i].max())}/{cfg.inversion.num_inner_steps}"
+                bar.set_postfix(postfix)
             every = cfg.output.checkpoint_every
             if stop.requested or (every and st.step_index % every == 0 and st.step_index < T):
                 save_checkpoint(ckpt_path, batch_id, module, st, runtime.scaler)
@@ -583,7 +822,12 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
         try:
             if item.error:
                 raise ValueError(item.error)
-            return prepare_image(item.path, size, name=item.path)
+            if item.where is not None and not os.path.isfile(item.path):
+                raise ImageError(
+                    f"{item.where}: image {item.path} not found; fix the path (relative paths are relative to the "
+                    "list file's folder) or remove the row"
+                )
+            return prepare_image(item.path, size, name=item.label)
         except (ImageError, ValueError) as e:
             return e
 
@@ -605,9 +849,9 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
                 yield head, fut.result()
 
     log(
-        f"{worker} of {world} rank(s) × {num_shards} shard(s): {len(todo)} to invert, {summary.skipped} already "
+        f"{worker} of {world} rank(s) × {num_shards} shard(s): {n_todo} to invert, {summary.skipped} already "
         f"done, into {out_dir} on {fabric.device} at {size}px, precision {cfg.trainer.precision}, "
-        f"T={T}, N={cfg.inversion.num_inner_steps}"
+        f"T={T}, N={cfg.inversion.num_inner_steps}, cluster environment {launch_environment(fabric)}"
     )
     log(format_header())
     pending: list[tuple[Item, torch.Tensor]] = []
@@ -618,7 +862,7 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
             try:
                 if isinstance(px, Exception):
                     raise px
-                check_prompt(model.tokenizer, item.prompt, label=f"{item.path}")
+                check_prompt(model.tokenizer, item.prompt, label=item.label)
             except (ImageError, PromptError, ValueError) as e:
                 record(item, "failed", error=str(e))
                 continue
@@ -641,11 +885,44 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model)
 
     # 5. Summary
     log(
-        f"{worker}: {len(summary.done)} inverted, {len(summary.failed)} failed, {summary.skipped} already done, "
+        f"{worker}: {summary.n_done} inverted, {summary.n_failed} failed, {summary.skipped} already done, "
         f"{summary.resumed} batch(es) resumed, {summary.skipped_steps} GradScaler-skipped step(s); manifest {manifest}"
     )
+    todo.close()  # the item stream's temporary index, and the indexes below, are deleted on close
+    previous.close()
+    if captions is not None:
+        captions.close()
     log_file.close()
     return summary
+
+
+def launch_environment(fabric) -> str:
+    """Which launcher Lightning detected: SLURMEnvironment (srun), TorchElasticEnvironment (torchrun),
+    LightningEnvironment (Lightning's own ``ddp``/``ddp_spawn`` launch), or "none (single process)"."""
+    env = getattr(fabric.strategy, "cluster_environment", None)
+    return type(env).__name__ if env is not None else "none (single process)"
+
+
+def make_metrics_logger(kind: str, root: Path, shard: int, flush_every: int, log):
+    """Rank 0's Lightning logger of per-timestep loss and inner steps, in ``root/metrics_shard{shard}/version_*``:
+    ``CSVLogger``, or ``TensorBoardLogger`` when ``tensorboard`` or ``tensorboardX`` is installed (otherwise CSV,
+    with a warning in the log); None for "none"."""
+    if kind == "none":
+        return None
+    name = f"metrics_shard{shard}"
+    if kind == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        try:
+            return TensorBoardLogger(root, name=name, default_hp_metric=False)
+        except ModuleNotFoundError:
+            log(
+                "warning: output.logger=tensorboard, but neither tensorboard nor tensorboardX is installed; "
+                "logging the metrics to CSV instead (pip install tensorboard)"
+            )
+    from lightning.fabric.loggers import CSVLogger
+
+    return CSVLogger(root, name=name, flush_logs_every_n_steps=flush_every)
 
 
 def format_header() -> str:

@@ -1,6 +1,8 @@
 """``nti status OUTPUT``: done / failed / pending of a dataset run, across ranks and shards, with the failures.
 
-Done and failed come from all ``manifest*.jsonl``; the total from ``progress.json`` (written at start-up).
+Done and failed come from all ``manifest*.jsonl`` (the latest record of each id, through a disk-backed
+``ManifestIndex``: only the counts and the failed ids with their errors are held); the total from
+``progress.json`` (written at start-up).
 """
 
 from __future__ import annotations
@@ -8,23 +10,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nti_lightning.runner import read_manifest
+from nti_lightning.runner import ManifestIndex
 
 
 def status(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} is not an output folder")
-    records = read_manifest(out_dir)
-    done = sorted(k for k, r in records.items() if r["status"] == "ok")
-    failed = {k: r.get("error", "") for k, r in sorted(records.items()) if r["status"] != "ok"}
+    index = ManifestIndex(out_dir)
+    try:
+        done = index.count("ok")
+        failed = dict(index.failed())
+    finally:
+        index.close()
     total = None
     progress = out_dir / "progress.json"
     if progress.is_file():
         total = json.loads(progress.read_text()).get("total")
-    pending = None if total is None else max(total - len(done) - len(failed), 0)
+    pending = None if total is None else max(total - done - len(failed), 0)
     checkpoints = sorted(p.name for p in (out_dir / "checkpoints").glob("*.pt"))
-    return {"done": len(done), "failed": failed, "pending": pending, "total": total, "checkpoints": checkpoints}
+    return {"done": done, "failed": failed, "pending": pending, "total": total, "checkpoints": checkpoints}
 
 
 def print_status(out_dir: str | Path) -> int:

@@ -72,7 +72,7 @@ def run_one(args: argparse.Namespace, precision: str, out: Path) -> dict:
             "inner_steps": m["inner_steps"],
             "skipped_steps": m["skipped_steps"],
         }
-    return {"precision": precision, "seconds": seconds, "failed": len(summary.failed), "images": per_image}
+    return {"precision": precision, "seconds": seconds, "failed": summary.n_failed, "images": per_image}
 
 
 def compare(runs: dict[str, dict]) -> list[dict]:

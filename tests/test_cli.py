@@ -86,6 +86,8 @@ def test_invert_folder_with_good_and_bad_files(dataset, model_dir, tmp_path, cap
         assert meta["prompt"] == GOOD[rec["source"].split("/")[-1]]
     cfg = load_config(out / "config.yaml")
     assert cfg.inversion.num_ddim_steps == 3 and cfg.model.spec == str(model_dir)
+    # precision "auto" (the default) is recorded as the mode that ran: fp32 on this CPU
+    assert cfg.trainer.precision == "32-true" and json.loads((out / "run.json").read_text())["precision"] == "32-true"
     assert not list(out.rglob("*.tmp"))
 
     # a rerun skips everything already recorded

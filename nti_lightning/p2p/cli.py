@@ -10,7 +10,8 @@ Batch form: each line of EDITS.jsonl is one edit of an image of an ``nti invert`
    "reweight": {"dog": 2}, "cross_replace": 0.8, "self_replace": 0.4, "guidance_scale": 7.5}
 (``"inversion": "path/to/inversion.safetensors"`` instead of ``image_id``; only ``target`` is required). Edits
 of one image are sampled together, up to --batch-size per pass. Each edit gets
-OUTPUT_DIR/<image_id>/edits/<line>_<target>{,_strip,_attention}.png and a line in the results JSONL; a line
+OUTPUT_DIR/<image_id>/edits/<line>_<target>{,_strip,_attention}.png (OUTPUT_DIR/ab/<image_id>/edits/... for a folder
+written with ``output.subdirs=true``: ids are looked up in its manifests) and a line in the results JSONL; a line
 that cannot be applied is recorded as failed with the reason and the others go on.
 """
 
@@ -22,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,7 @@ class Line:
     inversion: Path | None = None
     spec: EditSpec | None = None
     guidance: float | None = None
+    edits_dir: Path | None = None  # None: root/<image_id>/edits
 
 
 def read_edit_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -260,7 +262,16 @@ def read_edit_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]
             yield (n, rec, None) if isinstance(rec, dict) else (n, None, "not a JSON object")
 
 
-def resolve_line(root: Path, line: Line) -> None:
+def manifest_inversions(root: Path) -> dict[str, str]:
+    """image id → inversion path (relative to ``root``) of the finished images of an ``nti invert`` output
+    folder, from its manifests: with ``output.subdirs=true`` an image's folder is ``root/ab/<id>/``."""
+    from nti_lightning.runner import read_manifest
+
+    recs = read_manifest(root)
+    return {k: r["paths"]["inversion"] for k, r in recs.items() if r.get("status") == "ok" and "paths" in r}
+
+
+def resolve_line(root: Path, line: Line, lookup: Callable[[str], str | None] | None = None) -> None:
     rec = line.record
     if "inversion" in rec:
         path = Path(rec["inversion"])
@@ -269,6 +280,10 @@ def resolve_line(root: Path, line: Line) -> None:
     elif "image_id" in rec:
         line.image_id = str(rec["image_id"])
         line.inversion = root / line.image_id / "inversion.safetensors"
+        found = lookup(line.image_id) if lookup is not None and not line.inversion.is_file() else None
+        if found:  # output.subdirs: root/ab/<id>/, edits next to it
+            line.inversion = root / found
+            line.edits_dir = line.inversion.parent / "edits"
     else:
         raise ValueError('give "image_id" (a sub-folder of the output folder) or "inversion" (a file)')
     if not line.inversion.is_file():
@@ -298,12 +313,19 @@ def run_batch(args) -> int:
 
     # 1. Read and check every line; group the good ones by (inversion, guidance scale)
     groups: dict[tuple[Path, float | None], list[Line]] = {}
+    manifest: dict[str, str] = {}
+
+    def lookup(image_id: str) -> str | None:  # manifests read once, at the first id not at root/<id>/
+        if not manifest:
+            manifest.update(manifest_inversions(root) or {"": ""})
+        return manifest.get(image_id)
+
     for n, rec, error in read_edit_lines(Path(args.edits)):
         line = Line(n, rec or {})
         try:
             if error:
                 raise ValueError(error)
-            resolve_line(root, line)
+            resolve_line(root, line, lookup)
         except EDIT_ERRORS as e:
             record(line, "failed", error=str(e))
             continue
@@ -342,7 +364,7 @@ def run_batch(args) -> int:
                 continue
             seconds = (time.perf_counter() - t0) / len(chunk)
             for k, line in enumerate(chunk, 1):
-                folder = root / line.image_id / "edits"
+                folder = line.edits_dir or root / line.image_id / "edits"
                 paths = save_pictures(
                     folder, f"{line.number:04d}_{slug(line.spec.target)}", result, k, strip_input, args.attention
                 )

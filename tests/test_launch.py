@@ -1,0 +1,328 @@
+"""Launch modes of ``nti invert`` on CPU (gloo): ``ddp_spawn``, torchrun, an srun-style launch (2 processes with
+the environment srun sets), SIGTERM to a 2-rank ``ddp`` run and its resume, ``output.subdirs``, the progress bar
+and the metrics logger. Every multi-rank result is compared bit for bit with one single-rank reference run.
+Random tiny model saved to a folder, 64 px, T = 3, N = 2, 4 images (2 per rank)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nti_lightning.cli import main
+from nti_lightning.runner import (
+    EXIT_PREEMPTED,
+    RankFailedError,
+    RunSummary,
+    StopFlag,
+    item_relpath,
+    read_manifest,
+    settle_ranks,
+    take_over_launched_ranks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = ["img0", "img1", "img2", "img3"]
+T, N = 3, 2
+FAST = [f"inversion.num_ddim_steps={T}", f"inversion.num_inner_steps={N}", "inversion.image_size=64",
+        "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
+        "output.checkpoint_every=1", "trainer.accelerator=cpu"]  # fmt: skip
+TWO_RANKS = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]
+# variables of a launcher around pytest (a SLURM job, torchrun) that would leak into the runs started here
+LAUNCH_VARS = re.compile(r"^(SLURM_|TORCHELASTIC_|PMI_|OMPI_)|^(MASTER_ADDR|MASTER_PORT|RANK|LOCAL_RANK|WORLD_SIZE|"
+                         r"LOCAL_WORLD_SIZE|GROUP_RANK|NODE_RANK|GROUP_WORLD_SIZE|ROLE_RANK|ROLE_NAME)$")  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bit-identity across processes needs one intra-op thread count everywhere (reductions split per thread):
+    the reference runs here with 1 thread, the subprocesses get OMP_NUM_THREADS=1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(IDS):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / f"{name}.png")
+    rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of thing {k}"}) for k, n in enumerate(IDS)]
+    (d / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _args(dataset, out, model_dir, *extra) -> list[str]:
+    return ["invert", "--images", str(dataset), "--captions", str(dataset / "captions.jsonl"), "--output", str(out),
+            f"model.spec={model_dir}", *FAST, *extra]  # fmt: skip
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not LAUNCH_VARS.match(k)}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+@pytest.fixture
+def procs():
+    """Processes started by a test; whatever still runs at its end is killed (each leads its own process group)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _start(procs, cmd, log: Path, **env) -> subprocess.Popen:
+    with open(log, "w") as f:  # the child keeps its own descriptor
+        p = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(p)
+    return p
+
+
+def _finish(p: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+def _nti(dataset, out, model_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "nti_lightning.cli", *_args(dataset, out, model_dir, "--quiet", *extra)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nulls(out) -> dict[str, torch.Tensor]:
+    ok = {k: r for k, r in read_manifest(out).items() if r["status"] == "ok"}
+    return {k: load_file(out / r["paths"]["inversion"])["null_embeddings"] for k, r in ok.items()}
+
+
+def _assert_same(out, reference) -> None:
+    """Every image done, bit-identical to the single-rank reference; no checkpoint or temp file left."""
+    got = _nulls(out)
+    assert sorted(got) == IDS
+    for k in IDS:
+        assert torch.equal(got[k], reference[k]), k
+    assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob("*.pt"))
+    assert [r["status"] for r in read_manifest(out).values()] == ["ok"] * len(IDS)
+
+
+def _assert_two_ranks(out, reference, environment: str) -> None:
+    """Static sharding over exactly 2 ranks (image k → rank k mod 2), each image recorded exactly once, the
+    per-rank manifests merge to the reference's results, and each rank logged which launcher Lightning saw."""
+    lines = {r: [json.loads(x) for x in (out / f"manifest.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert [x["id"] for x in lines[0]] == ["img0", "img2"] and [x["id"] for x in lines[1]] == ["img1", "img3"]
+    assert {x["rank"] for x in lines[1]} == {1}
+    assert sorted(p.name for p in out.glob("manifest*.jsonl")) == ["manifest.rank0.jsonl", "manifest.rank1.jsonl"]
+    assert sorted(p.name for p in (out / "logs").glob("*.log")) == ["rank0.log", "rank1.log"]  # no more ranks
+    for r in (0, 1):
+        first = (out / "logs" / f"rank{r}.log").read_text().splitlines()[0]
+        assert f"rank{r} of 2 rank(s)" in first and f"cluster environment {environment}" in first, first
+    _assert_same(out, reference)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, model_dir, tmp_path_factory):
+    """One uninterrupted single-rank run in this process, not quiet: (output, null embeddings, its stderr)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(_args(dataset, out, model_dir)) == 0
+    return out, _nulls(out), err.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch modes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ddp_spawn_two_cpu_ranks(dataset, model_dir, reference, tmp_path, monkeypatch, capsys):
+    """``trainer.strategy=ddp_spawn``: this process starts both ranks (Lightning's multiprocessing launcher)."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # Lightning sets it in this process: removed afterwards
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks' thread count
+    out = tmp_path / "spawn"
+    args = _args(dataset, out, model_dir, "--quiet", "trainer.devices=2", "trainer.strategy=ddp_spawn")
+    assert main([*args, "trainer.ddp_timeout_s=60"]) == 0
+    _assert_two_ranks(out, reference[1], "LightningEnvironment")
+    assert "2 inverted" in capsys.readouterr().out  # the summary of rank 0, which returns to the launcher
+
+
+def test_torchrun_launch(dataset, model_dir, reference, tmp_path, procs):
+    """torchrun starts both ranks; Lightning's TorchElasticEnvironment takes rank and world size from it and
+    launches no process of its own (a second launch would make a world of 4 and show up as rank2/rank3 logs)."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_nti(dataset, out, model_dir, *TWO_RANKS)[1:]]  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    assert _finish(_start(procs, cmd, log), log) == 0, log.read_text()[-3000:]
+    _assert_two_ranks(out, reference[1], "TorchElasticEnvironment")
+
+
+def test_srun_style_launch(dataset, model_dir, reference, tmp_path, procs):
+    """Two processes with the environment ``srun --ntasks-per-node=2`` gives its tasks (what Lightning's
+    SLURMEnvironment reads: SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS_PER_NODE,
+    SLURM_NNODES, SLURM_JOB_NAME not bash/interactive; the main address from SLURM_NODELIST, the port from
+    MASTER_PORT). No signal is sent, so no ``scontrol requeue`` is tried."""
+    out, port = tmp_path / "srun", str(_free_port())
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "nti-test", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
+             "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_PORT": port}  # fmt: skip
+    logs = [tmp_path / f"task{r}.log" for r in (0, 1)]
+    cmd = _nti(dataset, out, model_dir, *TWO_RANKS)
+    tasks = [_start(procs, cmd, logs[r], SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm) for r in (0, 1)]
+    for p, log in zip(tasks, logs):
+        assert _finish(p, log) == 0, log.read_text()[-3000:]
+    _assert_two_ranks(out, reference[1], "SLURMEnvironment")
+    assert not any("scontrol" in (out / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
+
+
+def test_sigterm_to_two_ddp_ranks_exits_75_and_resumes(dataset, model_dir, reference, tmp_path, procs):
+    """``trainer.strategy=ddp`` (rank 0 launches rank 1): SIGTERM to the process group mid-batch → both ranks save
+    their batch and the launcher exits 75 (Lightning's child-process observer would SIGKILL it once rank 1 exits
+    75); the rerun resumes the saved batches and ends bit-identical to the single-rank reference."""
+    out, log = tmp_path / "term", tmp_path / "term.log"
+    cmd = _nti(dataset, out, model_dir, *TWO_RANKS)
+    p = _start(procs, cmd, log)
+    ckpts = [out / "checkpoints" / f"shard0.rank{r}.pt" for r in (0, 1)]
+    end = time.time() + 240
+    while not all(c.is_file() for c in ckpts):  # both ranks inside a batch (checkpoint_every=1)
+        assert p.poll() is None, log.read_text()[-3000:]
+        assert time.time() < end, "timed out"
+        time.sleep(0.005)
+    os.killpg(p.pid, signal.SIGTERM)
+    assert _finish(p, log, timeout=60) == EXIT_PREEMPTED, log.read_text()[-3000:]
+    rank_logs = [(out / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert all("preempted (signal 15" in x for x in rank_logs), rank_logs
+    assert any(c.is_file() for c in ckpts)  # (a rank whose batch ended just then has its images recorded)
+    assert "waiting for the rank(s) [1]" in rank_logs[0]
+
+    log2 = tmp_path / "rerun.log"
+    assert _finish(_start(procs, cmd, log2), log2) == 0, log2.read_text()[-3000:]
+    assert any("resuming batch" in (out / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
+    _assert_two_ranks(out, reference[1], "LightningEnvironment")
+
+
+def test_stop_signal_reaches_launched_ranks_and_their_outcomes_count(procs):
+    """Unit level: a signal to the launcher is passed on to the ranks it started; their exit codes fold into the
+    launcher's summary; Lightning's child-process observer stops watching once the ranks are taken over."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    procs.append(child)
+    stop = StopFlag()
+    try:
+        stop.forward(lambda: [child.pid])
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and child.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        stop.restore()
+
+    s = RunSummary(Path("out"))
+    settle_ranks(s, {1: 0, 2: 0})
+    assert not s.preempted
+    settle_ranks(s, {1: 0, 2: EXIT_PREEMPTED})
+    assert s.preempted
+    with pytest.raises(RankFailedError, match=r"rank\(s\) \[2\] failed"):
+        settle_ranks(RunSummary(Path("out")), {1: -signal.SIGTERM, 2: 1})
+
+    class Launcher:
+        procs = [child, child]
+
+    class Fabric:
+        global_rank = 0
+        strategy = type("S", (), {"launcher": Launcher()})()
+
+    assert take_over_launched_ranks(Fabric()) == {1: child, 2: child} and Launcher.procs == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output layout, progress bar, logs (single rank, in this process)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_subdirs_layout_rerun_status_edit_and_tensorboard_logger(dataset, model_dir, reference, tmp_path, capsys):
+    """``output.subdirs=true`` (here also ``--quiet`` and ``output.logger=tensorboard``)."""
+    out = tmp_path / "sub"
+    args = _args(dataset, out, model_dir, "--quiet", "output.subdirs=true", "output.logger=tensorboard")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert not any(re.search(rf"{k}\s+ok", err) for k in IDS), err  # --quiet: no per-image rows
+
+    recs = read_manifest(out)
+    for k in IDS:
+        rel = item_relpath(k, subdirs=True)
+        assert re.fullmatch(rf"[0-9a-f]{{2}}/{k}", rel) and (out / rel / "inversion.safetensors").is_file()
+        assert recs[k]["paths"]["inversion"] == f"{rel}/inversion.safetensors"
+        assert not (out / k).exists()
+    _assert_same(out, reference[1])
+
+    # the metrics logger: TensorBoard when installed, otherwise CSV and a warning in the log
+    from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+
+    metrics = out / "logs" / "metrics_shard0" / "version_0"
+    if _TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE:
+        assert list(metrics.glob("events.out.tfevents.*"))
+    else:
+        assert "neither tensorboard nor tensorboardX is installed" in (out / "logs" / "rank0.log").read_text()
+        assert (metrics / "metrics.csv").is_file()
+
+    assert main(args) == 0  # a rerun finds them all done
+    assert "0 inverted, 0 failed, 4 already done" in capsys.readouterr().out
+    assert main(["status", str(out)]) == 0
+    assert "4 done, 0 failed, 0 pending of 4" in capsys.readouterr().out
+
+    # `nti edit OUTPUT --edits`: image ids are found through the manifests; the edits land next to the inversion
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"image_id": "img1", "target": "a photo of thing 7"}) + "\n")
+    assert main(["edit", str(out), "--edits", str(edits), "--device", "cpu"]) == 0
+    res = [json.loads(x) for x in (out / "edit_results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in res] == ["ok"], res
+    assert res[0]["paths"]["edit"].startswith(f"{item_relpath('img1', subdirs=True)}/edits/")
+    assert (out / res[0]["paths"]["edit"]).is_file()
+
+
+def test_progress_bar_and_csv_metrics(reference):
+    """The reference run (not quiet): rank 0's bar shows done/total, the timestep and its inner steps; the
+    CSV logger has one row per timestep whose inner steps add up to the manifest's count of the image."""
+    out, _, err = reference
+    bar = err.replace("\r", "\n")
+    assert re.search(r"rank0 t 3/3:\s+100%.*\b4/4\b.*inner=\d/2", bar), bar[-2000:]  # final state
+    assert re.search(r"rank0 t 1/3:.*\b0/4\b.*inner=2/2", bar), bar[-2000:]  # a first timestep
+    assert "img_per_h=" in bar
+    assert re.search(r"img0\s+ok", bar)  # per-image rows without --quiet
+
+    with open(out / "logs" / "metrics_shard0" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == T * len(IDS)  # batch size 1: one batch per image, T rows each
+    assert [int(r["step"]) for r in rows] == list(range(T * len(IDS)))
+    assert set(rows[0]) >= {"timestep", "step_index", "batch", "loss_mean", "loss_max", "inner_steps_total"}
+    assert not any(c.startswith("loss/") for c in rows[0])  # fixed columns, not one per image
+    recs = read_manifest(out)
+    for b, k in enumerate(IDS):  # one rank, batch size 1: batch b is the b-th image in sorted order
+        mine = [r for r in rows if float(r["batch"]) == b]
+        assert len(mine) == T and [float(r["step_index"]) for r in mine] == [0.0, 1.0, 2.0]
+        assert sum(float(r["inner_steps_total"]) for r in mine) == recs[k]["metrics"]["inner_steps"]
+        assert all(float(r["loss_mean"]) == float(r["loss_max"]) > 0 for r in mine)
+    assert (out / "logs" / "rank0.log").is_file()
