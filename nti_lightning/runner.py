@@ -231,6 +231,7 @@ def batch_identity(run_id: dict, cfg: RunConfig, items: list[Item], pixels: torc
         "run": run_id,
         "batch_size": cfg.inversion.batch_size,
         "batch_invariant": cfg.inversion.batch_invariant,
+        "compile": cfg.model.compile,  # compiled kernels round differently: resume exactly or start over
         "ids": [it.id for it in items],
         "prompts": [it.prompt for it in items],
         "pixels_sha256": hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
@@ -598,6 +599,8 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model,
 
     # 1. The frozen model on this rank's device; the metrics logger (rank 0; Lightning loggers are rank-0-only)
     model = load_model(cfg.model.spec, device=fabric.device, dtype=cfg.model.dtype)
+    if cfg.model.compile != "none":  # after the fingerprint was taken; attribute access passes through
+        model.unet = torch.compile(model.unet, mode=cfg.model.compile)
     runtime = Runtime(fabric)
     size = image_size_for(model, cfg.inversion)
     T = cfg.inversion.num_ddim_steps

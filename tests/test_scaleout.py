@@ -163,3 +163,20 @@ def test_mixed_precision_runs_on_cpu_close_to_fp32(dataset, model_dir, reference
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     ref = reference[1]["img0"]
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_compiled_unet_option(dataset, model_dir, reference, tmp_path, monkeypatch):
+    """model.compile wraps the UNet in torch.compile (here with dynamo's "eager" backend, so no minutes of
+    inductor compilation in the suite): the run goes through the compiled module and gives the same results."""
+    calls = []
+    real_compile = torch.compile
+
+    def eager_compile(module, mode=None, **kw):
+        calls.append(mode)
+        return real_compile(module, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    out = tmp_path / "out"
+    assert main(_args(dataset, out, model_dir, "model.compile=default")) == 0
+    assert calls == ["default"]
+    _assert_same(out, reference[1])
