@@ -30,9 +30,9 @@ class ModelConfig:
     ``trainer.precision``; the null embeddings are always float32."""
     compile: str = "none"
     """``torch.compile`` the UNet for ``nti invert``: "none", or a mode ("default", "reduce-overhead" = CUDA
-    graphs, "max-autotune"). Costs a compile per process (≈110 s for the tiny model on a CPU core) and a
-    recompile when early stopping first shrinks a batch; measured 1.2× per inner step on CPU (README,
-    Performance). Results equal the eager UNet's only to rounding."""
+    graphs, "max-autotune"). Costs a compile per process (≈110 s for the tiny model on a CPU core) and
+    recompiles while early stopping shrinks batches; on CPU 1.2× per inner step but 1.04× end to end once
+    compiled (README, Performance). Results equal the eager UNet's only to rounding."""
 
     def __post_init__(self) -> None:
         if self.compile not in ("none", "default", "reduce-overhead", "max-autotune"):

@@ -127,9 +127,9 @@ def append_manifest(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
-    """All manifest*.jsonl lines of a run, merged; the latest record of an id wins."""
-    records: dict[str, dict] = {}
+def iter_manifest_records(out_dir: str | os.PathLike) -> Iterator[dict]:
+    """Every record of a run's ``manifest*.jsonl`` files, in file-name then line order; lines cut by a crash
+    (and anything that is not a record with an id) are skipped."""
     for p in sorted(Path(out_dir).glob("manifest*.jsonl")):
         with open(p, encoding="utf-8") as f:
             for line in f:
@@ -137,9 +137,17 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash
-                prev = records.get(rec.get("id"))
-                if prev is None or rec.get("finished_at", 0) >= prev.get("finished_at", 0):
-                    records[rec["id"]] = rec
+                if isinstance(rec, dict) and "id" in rec:
+                    yield rec
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """All manifest*.jsonl lines of a run, merged; the latest record of an id wins."""
+    records: dict[str, dict] = {}
+    for rec in iter_manifest_records(out_dir):
+        prev = records.get(rec["id"])
+        if prev is None or rec.get("finished_at", 0) >= prev.get("finished_at", 0):
+            records[rec["id"]] = rec
     return records
 
 
@@ -172,20 +180,12 @@ class ManifestIndex:
 
     @staticmethod
     def _rows(out_dir: Path) -> Iterator[tuple]:
-        for p in sorted(out_dir.glob("manifest*.jsonl")):
-            with open(p, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash
-                    if not isinstance(rec, dict) or "id" not in rec:
-                        continue
-                    status = rec.get("status")
-                    paths = rec.get("paths")
-                    inversion = paths.get("inversion") if status == "ok" and isinstance(paths, dict) else None
-                    error = None if status == "ok" else rec.get("error", "")
-                    yield rec["id"], status, inversion, error, rec.get("finished_at", 0)
+        for rec in iter_manifest_records(out_dir):
+            status = rec.get("status")
+            paths = rec.get("paths")
+            inversion = paths.get("inversion") if status == "ok" and isinstance(paths, dict) else None
+            error = None if status == "ok" else rec.get("error", "")
+            yield rec["id"], status, inversion, error, rec.get("finished_at", 0)
 
     def get(self, item_id: str) -> Previous | None:
         row = self._db.execute("SELECT status, inversion, error FROM m WHERE id = ?", (item_id,)).fetchone()

@@ -50,3 +50,26 @@ def sample_images():
         noise = rng.normal(0, 0.05, (h, w, 3))
         out.append((np.clip(base + noise, 0, 1) * 255).astype(np.uint8))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Bit-identity across processes needs one intra-op thread count everywhere (reductions split per thread):
+    in-process runs use 1 thread, subprocesses get OMP_NUM_THREADS=1. Modules opt in with ``autouse``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_noise_dataset(folder, ids) -> None:
+    """Seeded 64 px noise images ``<id>.png`` and a ``captions.jsonl`` with one prompt per image."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(ids):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+    rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of thing {k}"}) for k, n in enumerate(ids)]
+    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_noise_dataset
 from safetensors.torch import load_file
 
 from nti_lightning.cli import main
@@ -30,23 +29,14 @@ FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-identity across processes needs one intra-op thread count everywhere: reductions split per thread.
-    Lightning's CPU DDP sets cores // local ranks threads; the subprocesses get OMP_NUM_THREADS=1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(1)
-    for k, name in enumerate(IDS):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / f"{name}.png")
-    rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of thing {k}"}) for k, n in enumerate(IDS)]
-    (d / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    write_noise_dataset(d, IDS)
     return d
 
 
