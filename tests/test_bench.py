@@ -113,3 +113,19 @@ def test_sd15_builds_on_meta_with_sd15_flops():
 def test_build_bench_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown benchmark model"):
         build_bench_model("sdxl")
+
+
+def test_unet_step_script_times_each_variant(tmp_path):
+    spec = importlib.util.spec_from_file_location("nti_step_script", ROOT / "scripts" / "bench_unet_step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    argv = ["--model", "tiny", "--batch-sizes", "1,2", "--variants", "eager,channels_last,bf16"]
+    argv += ["--iters", "1", "--warmup", "0", "--rounds", "2", "--out", str(tmp_path)]
+    assert step.main(argv) == 0
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [
+        (b, v) for b in (1, 2) for v in ("eager", "channels_last", "bf16")
+    ]
+    assert all(r["ms_per_step"] > 0 and len(r["rounds_ms"]) == 2 for r in rows)
+    assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["variant"] == "eager")
+    assert "| 2 | channels_last |" in (tmp_path / "step.md").read_text()
