@@ -545,12 +545,20 @@ def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
             p.kill()
 
 
+def worker_name(cfg: RunConfig, rank: int) -> str:
+    """``rank{r}``, or ``shard{s}.rank{r}`` in a job array: names this worker's log file and progress bar."""
+    return f"shard{cfg.data.shard_index}.rank{rank}" if cfg.data.num_shards > 1 else f"rank{rank}"
+
+
+def log_line(line: str) -> str:
+    """A line of a per-rank log file: timestamp, text, newline."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n"
+
+
 def _note(cfg: RunConfig, rank: int, quiet: bool, line: str) -> None:
     """A line for this rank's log file (and stderr unless quiet), outside ``_run``."""
-    shard, num_shards = cfg.data.shard_index, cfg.data.num_shards
-    worker = f"shard{shard}.rank{rank}" if num_shards > 1 else f"rank{rank}"
-    with open(Path(cfg.output.dir) / "logs" / f"{worker}.log", "a", encoding="utf-8") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    with open(Path(cfg.output.dir) / "logs" / f"{worker_name(cfg, rank)}.log", "a", encoding="utf-8") as f:
+        f.write(log_line(line))
     if not quiet:
         print(line, file=sys.stderr, flush=True)
 
@@ -583,14 +591,14 @@ def _run_rank(
 def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model, on_started=None) -> RunSummary:
     rank, world = fabric.global_rank, fabric.world_size
     shard, num_shards = cfg.data.shard_index, cfg.data.num_shards
-    worker = f"shard{shard}.rank{rank}" if num_shards > 1 else f"rank{rank}"
+    worker = worker_name(cfg, rank)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "logs" / f"{worker}.log", "a", encoding="utf-8")  # noqa: SIM115
     bar = None  # rank 0's progress bar, once made (below): lines are then written above it
 
     def log(*parts) -> None:
         line = " ".join(str(p) for p in parts)
-        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        log_file.write(log_line(line))
         log_file.flush()
         if not quiet and bar is not None:
             bar.write(line, file=sys.stderr)
@@ -632,16 +640,22 @@ def _run(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model,
     def mine(k: int) -> bool:  # the static split: item k → shard k mod S, then rank (k div S) mod world
         return k % num_shards == shard and (k // num_shards) % world == rank
 
-    def already_done(item: Item) -> bool:
+    lost: set[str] = set()  # recorded "ok" but the inversion file is gone: redone (rare, hence a set)
+
+    def already_done(item: Item) -> bool:  # without touching the disk: pass 1 filled ``lost``
         prev = previous.get(item.id)
-        if prev is not None and (prev.status == "ok" or not retry_failed):
-            return prev.status != "ok" or (prev.inversion is not None and (out_dir / prev.inversion).is_file())
-        return False
+        if prev is None:
+            return False
+        return item.id not in lost if prev.status == "ok" else not retry_failed
 
     total = n_todo = 0
     for k, item in enumerate(iter_items(images, None)):  # ids only: prompts are not needed to count
         total += 1
         if mine(k):
+            prev = previous.get(item.id)
+            if prev is not None and prev.status == "ok":
+                if prev.inversion is None or not (out_dir / prev.inversion).is_file():
+                    lost.add(item.id)
             if already_done(item):
                 summary.skipped += 1
             else:

@@ -62,14 +62,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_noise_dataset(folder, ids) -> None:
-    """Seeded 64 px noise images ``<id>.png`` and a ``captions.jsonl`` with one prompt per image."""
+@pytest.fixture(scope="module")
+def noise_dataset(request, tmp_path_factory):
+    """A folder of seeded 64 px noise images ``<id>.png``, one per id of the test module's ``IDS``, and a
+    ``captions.jsonl`` with one prompt per image."""
     import json
 
     from PIL import Image
 
+    ids = request.module.IDS
+    folder = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(1)
     for k, name in enumerate(ids):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
     rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of thing {k}"}) for k, n in enumerate(ids)]
     (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

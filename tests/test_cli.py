@@ -106,6 +106,12 @@ def test_invert_folder_with_good_and_bad_files(dataset, model_dir, tmp_path, cap
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out
     assert "4 done, 8 failed" in status and "failed broken" in status
+    # an image recorded "ok" whose inversion file is gone is inverted again, and only that one
+    ok_rec = next(r for r in _manifest(out) if r["status"] == "ok")
+    (out / ok_rec["paths"]["inversion"]).unlink()
+    assert _run(dataset, out, model_dir) == 0
+    assert "1 inverted, 0 failed, 11 already done" in capsys.readouterr().out
+    assert (out / ok_rec["paths"]["inversion"]).is_file()
 
 
 def test_unknown_override_is_an_error(capsys, tmp_path):

@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import write_noise_dataset
-from safetensors.torch import load_file
+from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import main
 from nti_lightning.runner import (
@@ -47,16 +45,12 @@ LAUNCH_VARS = re.compile(r"^(SLURM_|TORCHELASTIC_|PMI_|OMPI_)|^(MASTER_ADDR|MAST
                          r"LOCAL_WORLD_SIZE|GROUP_RANK|NODE_RANK|GROUP_WORLD_SIZE|ROLE_RANK|ROLE_NAME)$")  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_noise_dataset(d, IDS)
-    return d
+def dataset(noise_dataset):
+    return noise_dataset
 
 
 def _args(dataset, out, model_dir, *extra) -> list[str]:
@@ -106,21 +100,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _nulls(out) -> dict[str, torch.Tensor]:
-    ok = {k: r for k, r in read_manifest(out).items() if r["status"] == "ok"}
-    return {k: load_file(out / r["paths"]["inversion"])["null_embeddings"] for k, r in ok.items()}
-
-
-def _assert_same(out, reference) -> None:
-    """Every image done, bit-identical to the single-rank reference; no checkpoint or temp file left."""
-    got = _nulls(out)
-    assert sorted(got) == IDS
-    for k in IDS:
-        assert torch.equal(got[k], reference[k]), k
-    assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob("*.pt"))
-    assert [r["status"] for r in read_manifest(out).values()] == ["ok"] * len(IDS)
-
-
 def _assert_two_ranks(out, reference, environment: str) -> None:
     """Static sharding over exactly 2 ranks (image k → rank k mod 2), each image recorded exactly once, the
     per-rank manifests merge to the reference's results, and each rank logged which launcher Lightning saw."""
@@ -132,7 +111,7 @@ def _assert_two_ranks(out, reference, environment: str) -> None:
     for r in (0, 1):
         first = (out / "logs" / f"rank{r}.log").read_text().splitlines()[0]
         assert f"rank{r} of 2 rank(s)" in first and f"cluster environment {environment}" in first, first
-    _assert_same(out, reference)
+    assert_same_as_reference(out, reference, IDS)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +121,7 @@ def reference(dataset, model_dir, tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(_args(dataset, out, model_dir)) == 0
-    return out, _nulls(out), err.getvalue()
+    return out, read_nulls(out), err.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,7 +245,7 @@ def test_subdirs_layout_rerun_status_edit_and_tensorboard_logger(dataset, model_
         assert re.fullmatch(rf"[0-9a-f]{{2}}/{k}", rel) and (out / rel / "inversion.safetensors").is_file()
         assert recs[k]["paths"]["inversion"] == f"{rel}/inversion.safetensors"
         assert not (out / k).exists()
-    _assert_same(out, reference[1])
+    assert_same_as_reference(out, reference[1], IDS)
 
     # the metrics logger: TensorBoard when installed, otherwise CSV and a warning in the log
     from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE

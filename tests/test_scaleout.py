@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_noise_dataset
-from safetensors.torch import load_file
+from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import main
-from nti_lightning.runner import EXIT_PREEMPTED, read_manifest
+from nti_lightning.runner import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ["img0", "img1", "img2"]
@@ -28,16 +27,12 @@ FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.
         "output.checkpoint_every=1", "trainer.accelerator=cpu"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_noise_dataset(d, IDS)
-    return d
+def dataset(noise_dataset):
+    return noise_dataset
 
 
 def _args(dataset, out, model_dir, *extra):
@@ -51,11 +46,6 @@ def _spawn(dataset, out, model_dir, *extra) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _nulls(out) -> dict[str, torch.Tensor]:
-    ok = {k: r for k, r in read_manifest(out).items() if r["status"] == "ok"}
-    return {k: load_file(out / r["paths"]["inversion"])["null_embeddings"] for k, r in ok.items()}
-
-
 def _wait_for(pred, proc, timeout=120.0) -> None:
     end = time.time() + timeout
     while not pred():
@@ -64,21 +54,12 @@ def _wait_for(pred, proc, timeout=120.0) -> None:
         time.sleep(0.05)
 
 
-def _assert_same(out, reference):
-    got = _nulls(out)
-    assert sorted(got) == IDS
-    for k in IDS:
-        assert torch.equal(got[k], reference[k]), k
-    assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob("*.pt"))
-    assert [r["status"] for r in read_manifest(out).values()] == ["ok"] * len(IDS)
-
-
 @pytest.fixture(scope="module")
 def reference(dataset, model_dir, tmp_path_factory):
     """One uninterrupted single-rank run (in process)."""
     out = tmp_path_factory.mktemp("ref") / "out"
     assert main(_args(dataset, out, model_dir)) == 0
-    return out, _nulls(out)
+    return out, read_nulls(out)
 
 
 def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, reference, tmp_path):
@@ -90,7 +71,7 @@ def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, r
     m1 = [json.loads(x) for x in (out / "manifest.rank1.jsonl").read_text().splitlines()]
     assert [r["id"] for r in m0] == ["img0", "img2"] and [r["id"] for r in m1] == ["img1"]  # each image once
     assert {r["rank"] for r in m1} == {1} and (out / "logs" / "rank1.log").is_file()
-    _assert_same(out, reference[1])  # manifests merge; bit-identical to one rank
+    assert_same_as_reference(out, reference[1], IDS)  # manifests merge; bit-identical to one rank
     assert json.loads((out / "progress.json").read_text())["total"] == 3
     assert main(["status", str(out)]) == 0
 
@@ -118,7 +99,7 @@ def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_di
     torch.save(ck, stale / "checkpoints" / "shard0.rank0.pt")
     assert main(_args(dataset, stale, model_dir)) == 0
     assert "ignoring stale checkpoint" in (stale / "logs" / "rank0.log").read_text()
-    _assert_same(stale, reference[1])
+    assert_same_as_reference(stale, reference[1], IDS)
 
     # changed hyperparameters with a mid-batch checkpoint: refused, checkpoint kept; --overwrite drops it
     assert main(_args(dataset, out, model_dir, "inversion.guidance_scale=5.0")) == 2
@@ -127,7 +108,7 @@ def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_di
 
     assert main(_args(dataset, out, model_dir)) == 0  # resume
     assert "resuming batch" in (out / "logs" / "rank0.log").read_text()
-    _assert_same(out, reference[1])
+    assert_same_as_reference(out, reference[1], IDS)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -140,14 +121,14 @@ def test_kill_9_at_a_random_moment_then_rerun(dataset, model_dir, reference, tmp
         proc.kill()
     proc.communicate(timeout=60)
     assert main(_args(dataset, out, model_dir)) == 0
-    _assert_same(out, reference[1])
+    assert_same_as_reference(out, reference[1], IDS)
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_runs_on_cpu_close_to_fp32(dataset, model_dir, reference, tmp_path, precision):
     out = tmp_path / precision
     assert main(_args(dataset, out, model_dir, f"trainer.precision={precision}", "data.num_shards=3")) == 0
-    got = _nulls(out)["img0"]
+    got = read_nulls(out)["img0"]
     meta = json.loads((out / "img0" / "meta.json").read_text())
     assert meta["precision"] == precision and "skipped_steps" in meta["metrics"]
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
@@ -169,4 +150,4 @@ def test_compiled_unet_option(dataset, model_dir, reference, tmp_path, monkeypat
     out = tmp_path / "out"
     assert main(_args(dataset, out, model_dir, "model.compile=default")) == 0
     assert calls == ["default"]
-    _assert_same(out, reference[1])
+    assert_same_as_reference(out, reference[1], IDS)
