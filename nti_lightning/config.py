@@ -48,15 +48,15 @@ class InversionConfig:
     num_ddim_steps: int = 50
     """T, the number of DDIM steps (timesteps 981, 961, …, 1 for SD1.x)."""
     guidance_scale: float = 7.5
-    """w, classifier-free guidance scale of the optimisation and of reconstruction/editing."""
-    pivot_guidance_scale: float = 1.0
-    """Guidance of the pivotal DDIM inversion (Algorithm 1, line 3: w = 1 — conditional branch only)."""
+    """w, classifier-free guidance scale of the optimisation and of reconstruction/editing (line 5). The pivot
+    (lines 3–4) always uses w = 1: the conditional branch only."""
     num_inner_steps: int = 10
-    """N, Adam steps on ∅_t per timestep."""
+    """N, Adam steps on ∅_t per timestep (0: no optimisation — DDIM inversion replayed with guidance w)."""
     learning_rate: float = 1e-2
     """Base Adam learning rate; outer step i uses learning_rate · (1 − i / lr_decay_horizon)."""
     lr_decay_horizon: int = 100
-    """The literal 100 of the authors' schedule; must exceed num_ddim_steps."""
+    """The literal 100 of the authors' schedule; must be ≥ num_ddim_steps, so that the last outer step
+    (i = T − 1) still has a positive learning rate."""
     early_stop: bool = True
     """Stop the inner loop of an image once its loss < early_stop_epsilon + i · early_stop_slope."""
     early_stop_epsilon: float = 1e-5
@@ -66,29 +66,60 @@ class InversionConfig:
     image_size: int | None = None
     """Side of the centre-cropped square input in pixels; None = the model's native size
     (unet.sample_size × VAE factor: 512 for SD1.x, 128 for the tiny model)."""
-    batch_size: int = 1
-    """Images per UNet call. Per-image results equal inverting each image alone (to float tolerance)."""
+    batch_size: int | str = "auto"
+    """Rows per UNet call of the continuous-batching engine (``slots.py``). "auto": 8 on CPU; on a GPU the
+    largest power of two whose inner step fits in ~85% of free memory (one probe at start, at most 64).
+    Per-image results equal inverting each image alone to float tolerance (bit for bit with batch_invariant)."""
+    slots: int | None = None
+    """Images in flight; None = 2 · batch_size − 1, the fewest with which every UNet call is full."""
     batch_invariant: bool = False
     """Reference mode: run every network call one image at a time inside the batched loop, so each image's
     numbers are bit-identical to inverting it alone (kernels round differently per batch size, and Adam's
     ε = 1e-8 turns ~1e-10 gradient noise on near-zero elements into ~1e-5 moves). No batching speed-up."""
-    skip_redundant_unet_calls: bool = True
-    """Reuse the conditional prediction after the inner loop (one UNet call fewer per timestep)."""
 
     def __post_init__(self) -> None:
-        if self.num_ddim_steps < 1:
-            raise ValueError(f"inversion.num_ddim_steps must be >= 1, got {self.num_ddim_steps}")
-        if self.num_inner_steps < 0:
-            raise ValueError(f"inversion.num_inner_steps must be >= 0, got {self.num_inner_steps}")
-        if self.lr_decay_horizon <= self.num_ddim_steps - 1:
-            raise ValueError(
-                f"inversion.lr_decay_horizon={self.lr_decay_horizon} must exceed num_ddim_steps - 1 = "
-                f"{self.num_ddim_steps - 1}, otherwise the learning rate reaches zero or turns negative"
+        _check(self.num_ddim_steps >= 1, "inversion.num_ddim_steps", self.num_ddim_steps, "must be >= 1")
+        _check(self.num_inner_steps >= 0, "inversion.num_inner_steps", self.num_inner_steps, "must be >= 0")
+        _check(self.learning_rate > 0, "inversion.learning_rate", self.learning_rate, "must be > 0")
+        _check(self.guidance_scale >= 0, "inversion.guidance_scale", self.guidance_scale, "must be >= 0")
+        _check(self.early_stop_epsilon >= 0, "inversion.early_stop_epsilon", self.early_stop_epsilon, "must be >= 0")
+        _check(self.early_stop_slope >= 0, "inversion.early_stop_slope", self.early_stop_slope, "must be >= 0")
+        _check(
+            self.lr_decay_horizon >= self.num_ddim_steps,
+            "inversion.lr_decay_horizon",
+            self.lr_decay_horizon,
+            f"must be >= num_ddim_steps = {self.num_ddim_steps}, otherwise the learning rate reaches zero or "
+            "turns negative",
+        )
+        if isinstance(self.batch_size, str):
+            _check(self.batch_size == "auto", "inversion.batch_size", self.batch_size, 'must be "auto" or an integer')
+        else:
+            _check(self.batch_size >= 1, "inversion.batch_size", self.batch_size, "must be >= 1")
+        if self.slots is not None:
+            _check(self.slots >= 1, "inversion.slots", self.slots, "must be >= 1")
+        if self.image_size is not None:
+            _check(
+                self.image_size >= 8 and self.image_size % 8 == 0,
+                "inversion.image_size",
+                self.image_size,
+                "must be a positive multiple of 8",
             )
-        if self.batch_size < 1:
-            raise ValueError(f"inversion.batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
-            raise ValueError(f"inversion.image_size must be a positive multiple of 8, got {self.image_size}")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} {rule}")
+
+
+CPU_BATCH_SIZE = 8
+"""``batch_size="auto"`` on a CPU: measured fastest of 1/4/8/16 on the tiny model (docs/performance.md)."""
+
+
+def resolve_batch_size(batch_size: int | str, device=None) -> int:
+    """An int as is; "auto" → ``CPU_BATCH_SIZE`` on a CPU (a GPU's is probed by ``slots.probe_batch_size``)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return CPU_BATCH_SIZE
 
 
 @dataclass
@@ -161,10 +192,11 @@ class OutputConfig:
     round trip is the best any latent inversion can reach: judge NTI against it)."""
     compute_baseline: bool = True
     """Also reconstruct without NTI (DDIM inversion + w) for the strip and the metrics table."""
-    checkpoint_every: int = 10
-    """Save the batch's mid-optimisation state (timestep index, null embeddings so far, z̄_t, image ids) to
-    ``checkpoints/`` every this many timesteps, so a killed run resumes the batch there; 0 = only when
-    preempted (SIGTERM/SIGUSR1). Finished images are always saved and skipped on a rerun."""
+    checkpoint_every_s: float = 300.0
+    """Save the worker's whole state (every in-flight image's ∅_t so far, z̄_t, Adam moments, the stream
+    position) to ``checkpoints/`` after a UNet call at least this many seconds after the last save, so a
+    killed run resumes where it was, bit for bit; 0 = after every UNet call (tests); a stop signal always
+    saves. Finished images are always saved and skipped on a rerun."""
     subdirs: bool = False
     """Put each image's folder under a two-hex-digit bucket, ``OUTPUT/ab/<id>/`` (ab from a hash of the id),
     so no folder holds millions of entries."""
@@ -179,11 +211,11 @@ class OutputConfig:
     requeue: bool = True
     """Under SLURM, after a preemption signal rank 0 runs ``scontrol requeue`` for this job."""
     prefetch: int = 2
-    """Batches of images decoded ahead in a background thread while the current batch optimises; 0 = off."""
+    """Images decoded ahead in a background thread, in units of the batch size; 0 = off."""
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every < 0:
-            raise ValueError(f"output.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every_s < 0:
+            raise ValueError(f"output.checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
         if self.logger not in ("csv", "tensorboard", "none"):
             raise ValueError(f"output.logger must be csv, tensorboard or none, got {self.logger!r}")
         if self.prefetch < 0:

@@ -1,13 +1,15 @@
 """DDIM sampling and inversion as small pure functions.
 
-Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) moves a latent between two noise levels given a
-noise prediction; read backwards it is DDIM inversion, the pivot of Null-text Inversion
-(Mokady et al. 2023, §3.1 and Algorithm 1, line 4). Both directions are the same transition with the two
-alphas swapped, so one function serves both.
+Deterministic DDIM (Song et al. 2021, eq. 12 with η = 0) moves a latent between two noise levels given a
+model prediction; read backwards it is DDIM inversion, the pivot of Null-text Inversion (Mokady et al.
+2023, §3.1 and Algorithm 1, line 4). Both directions are the same transition with the two ᾱ swapped, so one
+function serves both, for ε-prediction (SD1.x, SD2-base) and v-prediction (SD2 768-v; Salimans & Ho 2022).
 
 Conventions: ``alphas_cumprod[t]`` is ᾱ_t of the training schedule; ``timesteps`` are the inference
 timesteps in sampling order (981, 961, …, 1 for SD1.x with T = 50). The step below timestep ``t`` is
-``t - num_train_timesteps // T``; where that is negative ᾱ is the scheduler's final ᾱ.
+``t − num_train_timesteps // T``; where that is negative ᾱ is the scheduler's final ᾱ. Every function takes
+ᾱ as tensors, so a batch may hold rows at different timesteps: ᾱ of shape (B, 1, 1, 1) then gives each row
+its own coefficients (continuous batching, ``slots.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 # ---------------------------------------------------------------------------------------------------------
 # Schedule
 # ---------------------------------------------------------------------------------------------------------
@@ -24,12 +28,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """The numbers a DDIM sampler needs: inference timesteps and the cumulative alphas."""
+    """The numbers a DDIM sampler needs: inference timesteps, cumulative alphas and what the model predicts."""
 
     timesteps: Tensor  # (T,) long, sampling order: descending
     alphas_cumprod: Tensor  # (num_train_timesteps,) float32
     final_alpha_cumprod: Tensor  # () float32; ᾱ used below timestep 0
     num_train_timesteps: int
+    prediction_type: str = "epsilon"
 
     @property
     def num_steps(self) -> int:
@@ -46,17 +51,26 @@ class DDIMSchedule:
     def prev_timestep(self, t: int) -> int:
         return t - self.step_ratio
 
+    def alphas(self, t: Tensor) -> Tensor:
+        """ᾱ for a tensor of timesteps (any shape), the final ᾱ where t < 0."""
+        table = torch.cat([self.final_alpha_cumprod.reshape(1), self.alphas_cumprod])  # index 0 ↔ t < 0
+        return table[(t.long().cpu() + 1).clamp_min(0)]
+
 
 def schedule_from_scheduler(scheduler, num_steps: int) -> DDIMSchedule:
     """Builds the schedule from a diffusers ``DDIMScheduler`` (its ``set_timesteps`` picks the timesteps)."""
     if num_steps < 1:
         raise ValueError(f"num_ddim_steps must be >= 1, got {num_steps}")
     scheduler.set_timesteps(num_steps)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
     return DDIMSchedule(
         timesteps=scheduler.timesteps.clone().long(),
         alphas_cumprod=scheduler.alphas_cumprod.clone().float(),
         final_alpha_cumprod=torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).clone(),
         num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        prediction_type=prediction_type,
     )
 
 
@@ -65,63 +79,58 @@ def schedule_from_scheduler(scheduler, num_steps: int) -> DDIMSchedule:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def ddim_transition(sample: Tensor, eps: Tensor, alpha_from: Tensor, alpha_to: Tensor) -> Tensor:
-    """Moves ``sample`` from noise level ᾱ_from to ᾱ_to along the DDIM ODE (eq. 12, eta = 0).
+def ddim_transition(
+    sample: Tensor, model_output: Tensor, alpha_from: Tensor, alpha_to: Tensor, prediction_type: str = "epsilon"
+) -> Tensor:
+    """Moves ``sample`` from noise level ᾱ_from to ᾱ_to along the DDIM ODE (eq. 12, η = 0).
 
-    x̂_0 = (z - √(1-ᾱ_from) ε) / √ᾱ_from;  z' = √ᾱ_to x̂_0 + √(1-ᾱ_to) ε.
-    The operation order is diffusers' ``DDIMScheduler.step`` so results agree to the last bit.
+    ε-prediction: x̂_0 = (z − √(1−ᾱ_from) ε) / √ᾱ_from;  v-prediction: x̂_0 = √ᾱ_from z − √(1−ᾱ_from) v,
+    ε = √ᾱ_from v + √(1−ᾱ_from) z. Then z' = √ᾱ_to x̂_0 + √(1−ᾱ_to) ε. The operation order is diffusers'
+    ``DDIMScheduler.step`` (and ``DDIMInverseScheduler.step``), so results agree to the last bit.
+    ᾱ: () or broadcastable per row, e.g. (B, 1, 1, 1).
     """
     alpha_from = alpha_from.to(sample.device)
     alpha_to = alpha_to.to(sample.device)
     beta_from = 1 - alpha_from
-    pred_original = (sample - beta_from ** (0.5) * eps) / alpha_from ** (0.5)
-    direction = (1 - alpha_to) ** (0.5) * eps
+    if prediction_type == "epsilon":
+        pred_original = (sample - beta_from ** (0.5) * model_output) / alpha_from ** (0.5)
+        pred_epsilon = model_output
+    elif prediction_type == "v_prediction":
+        pred_original = (alpha_from**0.5) * sample - (beta_from**0.5) * model_output
+        pred_epsilon = (alpha_from**0.5) * model_output + (beta_from**0.5) * sample
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
+    direction = (1 - alpha_to) ** (0.5) * pred_epsilon
     return alpha_to ** (0.5) * pred_original + direction
 
 
-def ddim_step(schedule: DDIMSchedule, sample: Tensor, eps: Tensor, t: int) -> Tensor:
+def ddim_step(schedule: DDIMSchedule, sample: Tensor, model_output: Tensor, t: int) -> Tensor:
     """One sampling step z_t → z_{t-1} (Algorithm 1, the map z_{t-1}(z̄_t, ∅_t, C))."""
-    return ddim_transition(sample, eps, schedule.alpha(t), schedule.alpha(schedule.prev_timestep(t)))
+    return ddim_transition(
+        sample, model_output, schedule.alpha(t), schedule.alpha(schedule.prev_timestep(t)), schedule.prediction_type
+    )
 
 
-def ddim_inverse_step(schedule: DDIMSchedule, sample: Tensor, eps: Tensor, t: int) -> Tensor:
-    """One inversion step towards timestep ``t``: z_{t-1} → z_t, with ε evaluated at ``t`` on z_{t-1}.
+def ddim_inverse_step(schedule: DDIMSchedule, sample: Tensor, model_output: Tensor, t: int) -> Tensor:
+    """One inversion step towards timestep ``t``: z_{t-1} → z_t, with the model evaluated at ``t`` on z_{t-1}.
 
     This is the authors' ``next_step``: the UNet runs at the destination timestep on the less noisy latent,
-    and the start ᾱ is ᾱ[t - 1000/T] (the final ᾱ when negative).
+    and the start ᾱ is ᾱ[t − 1000/T] (the final ᾱ when negative).
     """
-    return ddim_transition(sample, eps, schedule.alpha(schedule.prev_timestep(t)), schedule.alpha(t))
+    return ddim_transition(
+        sample, model_output, schedule.alpha(schedule.prev_timestep(t)), schedule.alpha(t), schedule.prediction_type
+    )
 
 
-def classifier_free_guidance(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
-    """ε̃ = ε(∅) + w (ε(C) − ε(∅)) (Ho & Salimans 2022; Mokady et al. 2023 §3, eq. 2)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+def row_alphas(schedule: DDIMSchedule, t: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+    """(ᾱ_from, ᾱ_to), each (B, 1, 1, 1), for rows at timesteps ``t`` (B,): a sampling step t → t − T/1000
+    (``inverse=False``) or an inversion step towards t (``inverse=True``)."""
+    here = schedule.alphas(t).reshape(-1, 1, 1, 1)
+    below = schedule.alphas(t - schedule.step_ratio).reshape(-1, 1, 1, 1)
+    return (below, here) if inverse else (here, below)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Null-text optimisation schedule (Mokady et al. 2023, §4 implementation details)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def null_text_lr(base_lr: float, step_index: int, decay_horizon: int) -> float:
-    """Learning rate at outer step i: base_lr · (1 − i / horizon); the authors use 1e-2 and 100."""
-    if step_index >= decay_horizon:
-        raise ValueError(
-            f"outer step {step_index} reaches lr_decay_horizon={decay_horizon}: the learning rate "
-            f"base_lr·(1 − i/{decay_horizon}) would be ≤ 0. Raise inversion.lr_decay_horizon above "
-            f"num_ddim_steps."
-        )
-    return base_lr * (1.0 - step_index / decay_horizon)
-
-
-def early_stop_threshold(epsilon: float, slope: float, step_index: int) -> float:
-    """Loss below which the inner loop stops at outer step i: ε + i·slope (authors: 1e-5 + i·2e-5)."""
-    return epsilon + step_index * slope
-
-
-def latent_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-image mean squared error ‖z*_{t-1} − z_{t-1}‖² / numel (Algorithm 1, line 9).
-
-    pred, target: (B, C, h, w) → (B,). Summing the result gives each image the gradient it would get alone.
-    """
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def classifier_free_guidance(out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:
+    """ε̃ = ε(∅) + w (ε(C) − ε(∅)) (Ho & Salimans 2022; Mokady et al. 2023 §3, eq. 2), on the raw model
+    output (ε or v), as diffusers applies it before the scheduler's conversion."""
+    return out_uncond + guidance_scale * (out_cond - out_uncond)

@@ -44,6 +44,12 @@ class Inversion:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def null(self, i: int, model=None) -> dict[str, torch.Tensor]:
+        """∅_t of timestep index i as a one-row conditioning ({"prompt_embeds": (1, L, D)}), on the model's
+        device if a model is given."""
+        device = model.device if model is not None else None
+        return {"prompt_embeds": self.null_embeddings[i][None].to(device)}
+
 
 def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically."""

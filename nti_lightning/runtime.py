@@ -1,9 +1,10 @@
-"""How the loop runs its UNet calls, backward passes and optimizer steps: plain PyTorch or Lightning Fabric.
+"""How the engine runs its UNet calls: plain PyTorch or under Lightning Fabric's precision.
 
-With Fabric, mixed precision comes from ``fabric.autocast()`` around UNet calls (the module is never
-wrapped: an unwrapped module gets no autocast, and wrapping would all-reduce gradients under DDP — see
-shared LIGHTNING-NOTES), ``fabric.backward`` applies the 16-mixed GradScaler, and
-``fabric.setup_optimizers`` routes ``step()`` through the precision plugin.
+With Fabric, mixed precision comes from ``fabric.autocast()`` around UNet calls. The modules are never wrapped
+by ``fabric.setup``: wrapping would broadcast rank 0's parameters and all-reduce gradients under DDP, and
+every rank inverts its own images (shared LIGHTNING-NOTES). Gradients are taken with ``torch.autograd.grad``
+on the gathered null embeddings of each call; 16-mixed's loss scaling is ``nulltext.DynamicLossScale``, per
+image, because a GradScaler skips the step of every image when one overflows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nti_lightning.engine import Denoiser, unet_denoiser
+from nti_lightning.sampling import Denoiser, one_at_a_time, unet_denoiser
 
 
 @dataclass
@@ -23,35 +24,16 @@ class Runtime:
     def autocast(self):
         return self.fabric.autocast() if self.fabric is not None else nullcontext()
 
-    def denoiser(self, unet, per_sample: bool = False) -> Denoiser:
-        denoise = unet_denoiser(unet, self.autocast if self.fabric is not None else None)
+    def denoiser(self, unet, family, per_sample: bool = False) -> Denoiser:
+        denoise = unet_denoiser(unet, family, self.autocast if self.fabric is not None else None)
         return one_at_a_time(denoise) if per_sample else denoise
 
-    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return self.fabric.setup_optimizers(optimizer) if self.fabric is not None else optimizer
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.fabric is not None:
-            self.fabric.backward(loss)
-        else:
-            loss.backward()
-
     @property
-    def scaler(self):
-        """The 16-mixed GradScaler, if any."""
+    def precision(self) -> str:
+        """The precision the UNet runs in: Fabric's ("32-true", "bf16-mixed", "16-mixed"), else "32-true"."""
         if self.fabric is None:
-            return None
-        return getattr(self.fabric._precision, "scaler", None)
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Steps; returns False when a GradScaler skipped the step for inf/NaN gradients."""
-        scaler = self.scaler
-        if scaler is None:
-            optimizer.step()
-            return True
-        before = scaler.get_scale()
-        optimizer.step()
-        return scaler.get_scale() >= before
+            return "32-true"
+        return str(getattr(self.fabric._precision, "precision", "32-true"))
 
 
 # Measured by scripts/precision_benchmark.py on the bundled tiny model (README, Precision): the PSNR of the
@@ -73,15 +55,3 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     if not on_cuda:
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-
-
-def one_at_a_time(fn):
-    """Calls ``fn`` row by row over the leading dimension of every tensor argument and concatenates: the
-    numbers of a batch of B equal B separate calls (``InversionConfig.batch_invariant``)."""
-
-    def call(*args):
-        n = next(a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0)
-        rows = [fn(*(a[k : k + 1] if torch.is_tensor(a) and a.dim() > 0 else a for a in args)) for k in range(n)]
-        return torch.cat(rows)
-
-    return call

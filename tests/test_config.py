@@ -11,7 +11,17 @@ def test_defaults_are_the_authors():
     c = InversionConfig()
     assert (c.num_ddim_steps, c.guidance_scale, c.num_inner_steps) == (50, 7.5, 10)
     assert (c.learning_rate, c.lr_decay_horizon, c.early_stop_epsilon, c.early_stop_slope) == (1e-2, 100, 1e-5, 2e-5)
-    assert c.pivot_guidance_scale == 1.0 and c.early_stop
+    assert c.early_stop and c.batch_size == "auto" and c.slots is None
+
+
+def test_batch_size_auto_and_bad_values():
+    from nti_lightning.config import CPU_BATCH_SIZE, resolve_batch_size
+
+    assert resolve_batch_size("auto") == CPU_BATCH_SIZE == 8 and resolve_batch_size(3) == 3
+    for bad in ("inversion.batch_size=0", "inversion.batch_size=many", "inversion.learning_rate=0",
+                "inversion.slots=0"):  # fmt: skip
+        with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[1]):
+            load_config(None, [bad])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -8,11 +8,9 @@ from nti_lightning.ddim import (
     ddim_inverse_step,
     ddim_step,
     ddim_transition,
-    early_stop_threshold,
-    latent_mse,
-    null_text_lr,
     schedule_from_scheduler,
 )
+from nti_lightning.nulltext import early_stop_threshold, latent_mse, null_text_lr
 
 SD1_SCHEDULER = dict(
     beta_start=0.00085,

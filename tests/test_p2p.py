@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.engine import ddim_sample, unet_denoiser
+from nti_lightning.sampling import ddim_sample, unet_denoiser
 from nti_lightning.inversion import IncompatibleInversionError, Inversion, save_inversion
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import build_random_components
@@ -109,10 +109,11 @@ def sample_with(model, inv, prompts, controller, w=7.5):
     schedule = schedule_from_scheduler(model.scheduler, T)
     B = len(prompts)
     z_T = inv.z_T[None].expand(B, -1, -1, -1)
-    nulls = inv.null_embeddings[:, None].expand(-1, B, -1, -1)
+    nulls = [{"prompt_embeds": inv.null_embeddings[i][None].expand(B, -1, -1)} for i in range(T)]
+    cond = {"prompt_embeds": encode_text(model, prompts)}
     with attention_control(model.unet, controller):
         return ddim_sample(
-            unet_denoiser(model.unet), schedule, z_T, encode_text(model, prompts), nulls, w, controller.step_callback
+            unet_denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, controller.step_callback
         )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from nti_lightning.models.family import SD1, Family
+
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,6 +36,8 @@ class NTIModel:
     """Where the weights came from ("tiny", a folder, a file, a hub id)."""
     fingerprint: str = field(default="")
     """Hash of the component configs and a sample of the weights; inversions record it."""
+    family: Family = SD1
+    """What differs between Stable Diffusion variants: conditioning, the null, what NTI optimises."""
 
     def __post_init__(self) -> None:
         for m in (self.unet, self.vae, self.text_encoder):

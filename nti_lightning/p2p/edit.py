@@ -21,7 +21,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.engine import ddim_sample, decode_latents
 from nti_lightning.image import ImageError, prepare_image, tensor_to_image
 from nti_lightning.inversion import Inversion, check_compatible
 from nti_lightning.p2p import alignment
@@ -42,7 +41,8 @@ from nti_lightning.p2p.controllers import (
     target_edit,
 )
 from nti_lightning.runtime import Runtime
-from nti_lightning.text import check_prompt, encode_text
+from nti_lightning.sampling import ddim_sample, decode_latents
+from nti_lightning.text import check_prompt
 
 MODES = ("replace", "refine", "reweight")
 CROSS_REPLACE_STEPS = 0.8
@@ -193,6 +193,7 @@ def edit_batch(
     if not torch.equal(inversion.timesteps, schedule.timesteps):
         raise ValueError("the inversion was made with other timesteps than the model's scheduler gives")
     source = inversion.prompt
+    T = schedule.num_steps
     targets = [check_prompt(model.tokenizer, s.target, label=f"target prompt {k + 1}") for k, s in enumerate(specs)]
     prompts = [source, *targets]
     B = len(prompts)
@@ -212,12 +213,12 @@ def edit_batch(
     # 3. Sample all rows from z̄_T with the inversion's ∅_t (Algorithm 1 of P2P, z*_T ← z_T)
     device = model.device
     z_T = inversion.z_T[None].expand(B, -1, -1, -1).to(device)  # (B, C, h, w)
-    cond = encode_text(model, prompts).to(device)  # (B, L, D)
-    nulls = inversion.null_embeddings[:, None].expand(-1, B, -1, -1).to(device)  # (T, B, L, D)
+    cond = model.family.encode_prompts(model, prompts)  # {key: (B, …)}
+    nulls = [{k: v.expand(B, *v.shape[1:]) for k, v in inversion.null(i, model).items()} for i in range(T)]
     w = guidance_scale if guidance_scale is not None else default_guidance_scale(inversion)
     callback = controller.step_callback if controller is not None else None
     with attention_control(model.unet, controller):
-        z0 = ddim_sample(runtime.denoiser(model.unet), schedule, z_T, cond, nulls, w, callback)  # (B, C, h, w)
+        z0 = ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, callback)  # (B, C, h, w)
     # 4. Decode; collect the attention maps
     pixels = decode_latents(model, z0).cpu()
     result = EditResult(source, targets, modes, z0.cpu(), [tensor_to_image(x) for x in pixels])

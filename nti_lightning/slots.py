@@ -1,0 +1,553 @@
+"""Continuous batching of Algorithm 1 over a stream of images: every UNet call full, whatever each image is doing.
+
+Each image runs ``algorithm.null_text_inversion`` in a *slot*. At every tick the engine collects the slots'
+pending requests, runs one UNet call over ``rows`` of them — either a call with grad (INNER steps of images
+optimising their ∅_t) or one without (pivot steps, conditional branches, advances z̄_t → z̄_{t−1}) — and
+answers each image, which moves on to its next request. An image that meets the early-stop rule at timestep t
+takes up timestep t − 1's work at the next tick instead of idling; an image that finishes t = 1 leaves its
+slot to the next image of the stream. With ``2·rows − 1`` slots one kind of request always has ``rows`` rows
+ready (pigeonhole), so every call is full until the stream's tail: shapes never change, and a compiled UNet
+compiles once per kind (``pad=True`` keeps them fixed at the tail too).
+
+Per image nothing changes: each row gets its own timestep (a (B,) timestep tensor), its own DDIM
+coefficients, its own Adam (``nulltext.RowAdam``: moments, step count, learning rate) reset per timestep, its
+own early stop; rows never interact (GroupNorm and attention are per sample). An image whose loss or latent
+goes non-finite fails alone: its slot is freed and refilled. With ``InversionConfig.batch_invariant`` every
+call is evaluated row by row, so each image's numbers are bit-identical to inverting it alone.
+
+``SlotBank`` is the Lightning module: its parameters are the null embeddings ∅_t of every slot and timestep
+(updated by ``RowAdam`` from gradients taken on the gathered rows, so one row's step touches one row), its
+buffers the per-slot tensors the steps read (pivot trajectory, z̄_t, the conditional branch, Adam moments).
+``SlotEngine.state_dict()`` is the whole state: a run resumed from it continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from nti_lightning import __version__
+from nti_lightning.algorithm import Kind, Progress, Request, StepOutcome, null_text_inversion
+from nti_lightning.config import InversionConfig
+from nti_lightning.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
+from nti_lightning.inversion import Inversion, scheduler_identity
+from nti_lightning.models.family import Cond
+from nti_lightning.nulltext import DynamicLossScale, RowAdam, latent_mse
+from nti_lightning.runtime import Runtime
+from nti_lightning.sampling import encode_latents
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs and events
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Admission:
+    """One image for the engine: ``tag`` is the caller's handle (JSON-able if the engine is checkpointed)."""
+
+    tag: Any
+    pixels: Tensor  # (3, H, W) in [-1, 1]
+    prompt: str
+
+
+@dataclass
+class Finished:
+    tag: Any
+    inversion: Inversion
+
+
+@dataclass
+class Failed:
+    tag: Any
+    error: str
+
+
+@dataclass
+class Tick:
+    """After every UNet call: the caller may checkpoint (``SlotEngine.state_dict``) or stop here."""
+
+    number: int
+    kind: str  # "grad" or "no_grad"
+    rows: int  # real rows in the call (the rest padding)
+    active: int  # images in slots
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module: parameters and per-slot tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SlotBank(L.LightningModule):
+    """∅_t of every slot and timestep (the learnable parameters) and each slot's working tensors.
+
+    null_embeddings[k]: (S, T, *shape) for every optimised key k of the conditioning (SD1.x: prompt_embeds,
+    (S, T, 77, D)); index i ↔ timesteps[i]. Buffers: trajectory (S, T + 1, C, h, w) with [:, k] = z*_k;
+    z_bar (S, C, h, w) = z̄_t; cond_out (S, C, h, w) = the conditional prediction at z̄_t; cond_<key>
+    (S, …) = ψ(P); null_<key> (1, …) = the model's null; adam_m_<k>, adam_v_<k> (S, …); inner_steps (S, T);
+    final_loss (S, T)."""
+
+    def __init__(self, num_slots: int, num_steps: int, latent_shape: tuple, null: Cond, learnable: tuple) -> None:
+        super().__init__()
+        S, T = num_slots, num_steps
+        self.keys, self.learnable = tuple(null), tuple(learnable)
+        self.null_embeddings = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(S, T, *null[k].shape[1:]), requires_grad=False) for k in learnable}
+        )
+        self.register_buffer("trajectory", torch.zeros(S, T + 1, *latent_shape))
+        self.register_buffer("z_bar", torch.zeros(S, *latent_shape))
+        self.register_buffer("cond_out", torch.zeros(S, *latent_shape))
+        for k, v in null.items():
+            self.register_buffer(f"cond_{k}", torch.zeros(S, *v.shape[1:]))
+            self.register_buffer(f"null_{k}", v[:1].detach().float().clone())
+        for k in learnable:
+            self.register_buffer(f"adam_m_{k}", torch.zeros(S, *null[k].shape[1:]))
+            self.register_buffer(f"adam_v_{k}", torch.zeros(S, *null[k].shape[1:]))
+        self.register_buffer("inner_steps", torch.zeros(S, T, dtype=torch.long))
+        self.register_buffer("final_loss", torch.full((S, T), float("nan")))
+        self.adam_steps = torch.zeros(S, dtype=torch.long)  # host side: Adam's bias correction is computed there
+
+    def cond(self, key: str) -> Tensor:
+        return getattr(self, f"cond_{key}")
+
+    def null(self, key: str) -> Tensor:
+        return getattr(self, f"null_{key}")
+
+    def adam(self, key: str) -> RowAdam:
+        return RowAdam(getattr(self, f"adam_m_{key}"), getattr(self, f"adam_v_{key}"), self.adam_steps)
+
+    def null_rows(self, slots: Tensor, steps: Tensor) -> Cond:
+        """The null conditioning ∅_t of rows (slot, step index): optimised keys from the parameters, the others
+        the model's null. → {key: (n, …)}"""
+        n = len(slots)
+        return {
+            k: self.null_embeddings[k][slots, steps] if k in self.learnable else self.null(k).expand(n, *self.null(k).shape[1:])
+            for k in self.keys
+        }
+
+    def training_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
+        """Algorithm 1, line 9 for the rows of one grad call: per-row ‖z*_{t−1} − z_{t−1}(z̄_t, ∅_t, C)‖² → (n,).
+
+        batch: denoise, schedule, guidance_scale, z (n, C, h, w) = z̄_t, t (n,), null {key: (n, …)} (leaves with
+        grad for the optimised keys), cond_out (n, C, h, w), target (n, C, h, w) = z*_{t−1}."""
+        schedule = batch["schedule"]
+        out_uncond = batch["denoise"](batch["z"], batch["t"], batch["null"])  # (n, C, h, w)
+        guided = classifier_free_guidance(out_uncond, batch["cond_out"], batch["guidance_scale"])
+        alpha_t, alpha_prev = row_alphas(schedule, batch["t"])
+        z_prev = ddim_transition(batch["z"], guided, alpha_t, alpha_prev, schedule.prediction_type)
+        return latent_mse(z_prev, batch["target"])  # (n,)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SlotState:
+    tag: Any
+    prompt: str
+    progress: Progress
+    request: Request | None = None
+    since: int = 0  # tick at which ``request`` was made: the oldest requests are served first
+    gen: Any = field(default=None, repr=False)
+
+
+class _SlotHandle:
+    """``algorithm.Slot`` for slot ``s``: the non-UNet parts of Algorithm 1 on the bank's rows."""
+
+    def __init__(self, engine: SlotEngine, s: int) -> None:
+        self.engine, self.s = engine, s
+        self.progress = engine.slots[s].progress
+
+    def start_optimisation(self) -> None:  # line 6: z̄_T ← z*_T, ∅_T ← ψ("")
+        bank, s = self.engine.bank, self.s
+        bank.z_bar[s] = bank.trajectory[s, -1]
+        for k in bank.learnable:
+            bank.null_embeddings[k][s, 0] = bank.null(k)[0]
+
+    def fresh_adam(self) -> None:
+        for k in self.engine.bank.learnable:
+            self.engine.bank.adam(k).reset(torch.tensor([self.s]))
+
+    def carry_null_forward(self, i: int) -> None:  # line 11: ∅_{t−1} ← ∅_t
+        bank, s = self.engine.bank, self.s
+        for k in bank.learnable:
+            bank.null_embeddings[k][s, i + 1] = bank.null_embeddings[k][s, i]
+
+
+class SlotEngine:
+    """Runs Algorithm 1 for a stream of images, ``rows`` rows per UNet call, over ``slots`` slots.
+
+    ``run(admissions)`` yields ``Finished``/``Failed`` per image and a ``Tick`` after every UNet call. Images
+    are admitted in stream order as slots free up; the schedule depends only on the state, so a run is
+    deterministic and ``state_dict``/``load_state_dict`` resume it exactly.
+    """
+
+    def __init__(
+        self,
+        model,
+        cfg: InversionConfig,
+        rows: int,
+        runtime: Runtime | None = None,
+        slots: int | None = None,
+        pad: bool = False,
+        image_size: int | None = None,
+    ) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.model, self.cfg, self.rows, self.pad = model, cfg, rows, pad
+        self.runtime = runtime or Runtime()
+        self.family = model.family
+        self.num_slots = slots or 2 * rows - 1
+        self.schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
+        self.denoise = self.runtime.denoiser(model.unet, model.family, per_sample=cfg.batch_invariant)
+        size = image_size or cfg.image_size or model.native_image_size
+        f = model.vae_scale_factor
+        latent_shape = (int(model.unet.config.in_channels), size // f, size // f)
+        null = self.family.null(model, 1)
+        self.bank = SlotBank(self.num_slots, cfg.num_ddim_steps, latent_shape, null, self.family.learnable)
+        self.bank.to(model.device)
+        self.slots: list[_SlotState | None] = [None] * self.num_slots
+        self.tick = 0
+        self.loss_scale = DynamicLossScale() if self.runtime.precision == "16-mixed" else None
+        self.calls = {"grad": 0, "no_grad": 0, "rows": 0, "padded_rows": 0}
+        self.image_size = size
+        self._meta = {
+            "nti_lightning_version": __version__,
+            "model_source": model.source,
+            "model_fingerprint": model.fingerprint,
+            "family": self.family.name,
+            "prediction_type": self.schedule.prediction_type,
+            "scheduler": scheduler_identity(model.scheduler),
+            "hyperparameters": asdict(cfg),
+            "image_size": size,
+            "precision": self.runtime.precision,
+        }
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self, admissions) -> Iterator[Finished | Failed | Tick]:
+        """Inverts every admission; yields events as they happen (see the module docstring)."""
+        source, exhausted = iter(admissions), False
+        while True:
+            # 1. Fill free slots in stream order
+            for s in range(self.num_slots):
+                if self.slots[s] is None and not exhausted:
+                    adm = next(source, None)
+                    if adm is None:
+                        exhausted = True
+                        break
+                    failure = self._admit(s, adm)
+                    if failure is not None:
+                        yield failure
+            active = [s for s, st in enumerate(self.slots) if st is not None]
+            if not active:
+                return
+            # 2. One UNet call over the oldest requests of one kind
+            grad, rows = self._pick(active)
+            answers = self._run_grad(rows) if grad else self._run_no_grad(rows)
+            self.tick += 1
+            # 3. Answer each image; it moves on, finishes or fails
+            for s, answer in answers.items():
+                event = self._answer(s, answer)
+                if event is not None:
+                    yield event
+            yield Tick(self.tick, "grad" if grad else "no_grad", len(rows), len(active))
+
+    def _pick(self, active: list[int]) -> tuple[bool, list[int]]:
+        """The kind with ``rows`` requests ready whose oldest waits longest (at the tail: the oldest kind)."""
+        queues: dict[bool, list[int]] = {True: [], False: []}
+        for s in sorted(active, key=lambda s: (self.slots[s].since, s)):
+            queues[self.slots[s].request.kind.needs_grad].append(s)
+        full = [g for g, q in queues.items() if len(q) >= self.rows]
+        candidates = full or [g for g, q in queues.items() if q]
+        grad = min(candidates, key=lambda g: (self.slots[queues[g][0]].since, queues[g][0]))
+        return grad, queues[grad][: self.rows]
+
+    # -- admission and answers -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _admit(self, s: int, adm: Admission) -> Failed | None:
+        """Line 1 of Algorithm 1: C = ψ(P) and z*_0 = E(I), one image at a time (the same numbers however the
+        stream is batched); then the image's first request."""
+        bank = self.bank
+        try:
+            z0 = encode_latents(self.model, adm.pixels[None].to(self.model.device))[0]  # (C, h, w)
+            cond = self.family.encode_prompts(self.model, [adm.prompt])
+            if not torch.isfinite(z0).all():
+                raise FloatingPointError("the VAE encoding of the image is not finite")
+        except Exception as e:  # noqa: BLE001 — one image's failure must not stop the stream
+            return Failed(adm.tag, f"encoding failed: {type(e).__name__}: {e}")
+        bank.trajectory[s] = 0
+        bank.trajectory[s, 0] = z0
+        for k, v in cond.items():
+            bank.cond(k)[s] = v[0].to(bank.cond(k).device)
+        bank.inner_steps[s] = 0
+        bank.final_loss[s] = float("nan")
+        self.slots[s] = _SlotState(adm.tag, adm.prompt, Progress())
+        self._start(s)
+        return None
+
+    def _start(self, s: int) -> None:
+        st = self.slots[s]
+        st.gen = null_text_inversion(_SlotHandle(self, s), self.cfg)
+        st.request = next(st.gen)
+        st.since = self.tick
+
+    def _answer(self, s: int, answer) -> Finished | Failed | None:
+        st = self.slots[s]
+        if isinstance(answer, Exception):
+            return self._free(s, Failed(st.tag, str(answer)))
+        try:
+            st.request = st.gen.send(answer)
+            st.since = self.tick
+        except StopIteration:
+            return self._free(s, Finished(st.tag, self._record(s)))
+        except FloatingPointError as e:
+            return self._free(s, Failed(st.tag, str(e)))
+        return None
+
+    def _free(self, s: int, event):
+        self.slots[s].gen.close()
+        self.slots[s] = None
+        return event
+
+    def discard(self, tag_matches) -> list[Any]:
+        """Frees the slots whose tag ``tag_matches(tag)``; returns their tags (an image whose file changed)."""
+        out = []
+        for s, st in enumerate(self.slots):
+            if st is not None and tag_matches(st.tag):
+                out.append(st.tag)
+                self._free(s, None)
+        return out
+
+    def _record(self, s: int) -> Inversion:
+        """Algorithm 1, line 13: z̄_T = z*_T and {∅_t}, with the pivot's ends and the optimisation's log."""
+        bank, p = self.bank, self.slots[s].progress
+        T = self.cfg.num_ddim_steps
+        inner = bank.inner_steps[s].cpu()
+        meta = dict(self._meta)
+        meta["skipped_steps"] = p.skipped
+        meta["unet_calls"] = {"pivot": T, "cond": T, "uncond_grad": int(inner.sum()) + p.skipped, "uncond": T}
+        return Inversion(
+            z_T=bank.trajectory[s, T].cpu().clone(),
+            null_embeddings=bank.null_embeddings["prompt_embeds"][s].detach().cpu().clone(),
+            timesteps=self.schedule.timesteps.cpu(),
+            prompt=self.slots[s].prompt,
+            pivot_z0=bank.trajectory[s, 0].cpu().clone(),
+            pivot_zT=bank.trajectory[s, T].cpu().clone(),
+            inner_steps=inner.clone(),
+            final_loss=bank.final_loss[s].cpu().clone(),
+            meta=meta,
+            z_0=bank.z_bar[s].cpu().clone(),
+        )
+
+    # -- the two kinds of UNet call ------------------------------------------------------------------------
+
+    def _padded(self, rows: list[int]) -> list[int]:
+        if self.pad and len(rows) < self.rows:
+            self.calls["padded_rows"] += self.rows - len(rows)
+            return rows + [rows[-1]] * (self.rows - len(rows))
+        return rows
+
+    def _timesteps(self, requests: list[Request]) -> list[int]:
+        """The UNet's timestep per request: t_{T−k} for pivot step k (inversion runs 1, 21, …), else t_i."""
+        ts, T = self.schedule.timesteps, self.schedule.num_steps
+        return [int(ts[T - 1 - r.index]) if r.kind is Kind.PIVOT else int(ts[r.index]) for r in requests]
+
+    @torch.no_grad()
+    def _run_no_grad(self, rows: list[int]) -> dict[int, Any]:
+        """PIVOT, COND and ADVANCE rows in one call without grad, then each kind's DDIM arithmetic."""
+        bank, n = self.bank, len(rows)
+        call = self._padded(rows)
+        reqs = [self.slots[s].request for s in call]
+        dev = bank.z_bar.device
+        z = torch.stack([bank.trajectory[s, r.index] if r.kind is Kind.PIVOT else bank.z_bar[s] for s, r in zip(call, reqs)])
+        t = torch.tensor(self._timesteps(reqs), device=dev)
+        cond = {
+            k: torch.stack(
+                [bank.null_rows(torch.tensor([s]), torch.tensor([r.index]))[k][0] if r.kind is Kind.ADVANCE else bank.cond(k)[s]
+                 for s, r in zip(call, reqs)]
+            )
+            for k in bank.keys
+        }
+        out = self.denoise(z, t, cond)[:n]  # (n, C, h, w)
+        self.calls["no_grad"] += 1
+        self.calls["rows"] += n
+        answers: dict[int, Any] = {}
+        by_kind: dict[Kind, list[int]] = {}
+        for pos, r in enumerate(reqs[:n]):
+            by_kind.setdefault(r.kind, []).append(pos)
+        pt = self.schedule.prediction_type
+        if Kind.PIVOT in by_kind:  # line 4: z*_{k+1} = DDIM⁻¹(z*_k, ε(z*_k, t_{k+1}, C)), w = 1
+            pos = torch.tensor(by_kind[Kind.PIVOT], device=dev)
+            a_from, a_to = row_alphas(self.schedule, t[pos], inverse=True)
+            z_next = ddim_transition(z[pos], out[pos], a_from, a_to, pt)
+            slots = torch.tensor([rows[p] for p in by_kind[Kind.PIVOT]], device=dev)
+            steps = torch.tensor([reqs[p].index + 1 for p in by_kind[Kind.PIVOT]], device=dev)
+            bank.trajectory[slots, steps] = z_next
+            for p, ok in zip(by_kind[Kind.PIVOT], torch.isfinite(z_next.flatten(1)).all(1).tolist()):
+                answers[rows[p]] = None if ok else FloatingPointError("non-finite latent in the DDIM inversion (pivot)")
+        if Kind.COND in by_kind:  # ε(z̄_t, t, C), kept for every inner step of this timestep
+            pos = torch.tensor(by_kind[Kind.COND], device=dev)
+            bank.cond_out[torch.tensor([rows[p] for p in by_kind[Kind.COND]], device=dev)] = out[pos]
+            answers.update({rows[p]: None for p in by_kind[Kind.COND]})
+        if Kind.ADVANCE in by_kind:  # line 11: z̄_{t−1} = z_{t−1}(z̄_t, ∅_t, C), guidance w
+            pos = torch.tensor(by_kind[Kind.ADVANCE], device=dev)
+            slots = torch.tensor([rows[p] for p in by_kind[Kind.ADVANCE]], device=dev)
+            guided = classifier_free_guidance(out[pos], bank.cond_out[slots], self.cfg.guidance_scale)
+            a_t, a_prev = row_alphas(self.schedule, t[pos])
+            z_next = ddim_transition(z[pos], guided, a_t, a_prev, pt)
+            bank.z_bar[slots] = z_next
+            for p, ok in zip(by_kind[Kind.ADVANCE], torch.isfinite(z_next.flatten(1)).all(1).tolist()):
+                i = reqs[p].index
+                answers[rows[p]] = None if ok else FloatingPointError(f"non-finite latent z̄ at timestep index {i}")
+        return answers
+
+    def _run_grad(self, rows: list[int]) -> dict[int, Any]:
+        """INNER rows: Algorithm 1, line 9 — the loss, its gradient to each row's ∅_t, one Adam step per row."""
+        bank, n = self.bank, len(rows)
+        call = self._padded(rows)
+        reqs = [self.slots[s].request for s in call]
+        dev = bank.z_bar.device
+        T = self.schedule.num_steps
+        slots = torch.tensor(call, device=dev)
+        steps = torch.tensor([r.index for r in reqs], device=dev)
+        null = bank.null_rows(slots, steps)
+        leaves = {k: null[k].detach().clone().requires_grad_(True) for k in bank.learnable}
+        null = {**null, **leaves}
+        batch = {
+            "denoise": self.denoise,
+            "schedule": self.schedule,
+            "guidance_scale": self.cfg.guidance_scale,
+            "z": bank.z_bar[slots],
+            "t": torch.tensor(self._timesteps(reqs), device=dev),
+            "null": null,
+            "cond_out": bank.cond_out[slots],
+            "target": bank.trajectory[slots, T - 1 - steps],  # z*_{t−1}
+        }
+        with torch.enable_grad():
+            loss = bank.training_step(batch)[:n]  # (n,)
+            total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
+            if self.loss_scale is not None:
+                total = total * self.loss_scale.scale
+            grads = torch.autograd.grad(total, list(leaves.values()))
+        self.calls["grad"] += 1
+        self.calls["rows"] += n
+        loss_host = loss.detach().cpu()  # the one host sync of an inner step
+        apply = torch.isfinite(loss_host)
+        grads = {k: g[:n] for k, g in zip(leaves, grads)}
+        if self.loss_scale is not None:
+            for k in grads:
+                grads[k], finite = self.loss_scale.unscale(grads[k])
+                apply &= finite.cpu()
+            self.loss_scale.update(bool(apply[torch.isfinite(loss_host)].all()))
+        idx = apply.nonzero().squeeze(1)
+        if len(idx):
+            s_rows, i_rows = slots[:n][idx.to(dev)], steps[:n][idx.to(dev)]
+            lr = [reqs[j].lr for j in idx.tolist()]
+            with torch.no_grad():
+                for k in bank.learnable:
+                    new = bank.adam(k).step(leaves[k][:n][idx.to(dev)].detach(), grads[k][idx.to(dev)], s_rows, lr)
+                    bank.null_embeddings[k][s_rows, i_rows] = new
+                bank.inner_steps[s_rows, i_rows] += 1
+        with torch.no_grad():
+            bank.final_loss[slots[:n], steps[:n]] = loss.detach().float()
+        answers: dict[int, Any] = {}
+        for pos, s in enumerate(rows):
+            value = float(loss_host[pos])
+            if value != value or value in (float("inf"), float("-inf")):
+                answers[s] = FloatingPointError(
+                    f"non-finite loss at timestep index {reqs[pos].index} during null-text optimisation; not saved"
+                )
+            else:
+                answers[s] = StepOutcome(value, bool(apply[pos]))
+        return answers
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit: the bank, Adam step counts, every slot's progress."""
+        return {
+            "bank": {k: v.detach().cpu().clone() for k, v in self.bank.state_dict().items()},
+            "adam_steps": self.bank.adam_steps.clone(),
+            "tick": self.tick,
+            "slots": [
+                None
+                if st is None
+                else {
+                    "tag": st.tag,
+                    "prompt": st.prompt,
+                    "progress": asdict(st.progress),
+                    "request": [st.request.kind.value, st.request.index],
+                    "since": st.since,
+                }
+                for st in self.slots
+            ],
+            "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
+            "calls": dict(self.calls),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["slots"]) != self.num_slots:
+            raise ValueError(f"checkpoint has {len(state['slots'])} slots, this engine {self.num_slots}")
+        self.bank.load_state_dict({k: v.to(self.model.device) for k, v in state["bank"].items()})
+        self.bank.adam_steps.copy_(state["adam_steps"])
+        self.tick = int(state["tick"])
+        self.calls = dict(state["calls"])
+        if self.loss_scale is not None and state["loss_scale"] is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])
+        for s, saved in enumerate(state["slots"]):
+            if saved is None:
+                self.slots[s] = None
+                continue
+            self.slots[s] = _SlotState(saved["tag"], saved["prompt"], Progress(**saved["progress"]))
+            self._start(s)
+            kind, index = saved["request"]
+            if (self.slots[s].request.kind.value, self.slots[s].request.index) != (kind, index):
+                raise ValueError(f"checkpoint slot {s}: saved request {kind}@{index} is not where its progress leads")
+            self.slots[s].since = int(saved["since"])
+
+    @property
+    def tags(self) -> list[Any]:
+        """The tags of the images in slots."""
+        return [st.tag for st in self.slots if st is not None]
+
+
+def probe_batch_size(model, cfg: InversionConfig, runtime: Runtime, image_size: int, cap: int = 64) -> int:
+    """``inversion.batch_size=auto`` on a GPU: the largest power of two ≤ ``cap`` rows whose inner step (the
+    grad call, the largest) fits in 85% of the free memory. Peak memory is measured at 1 and 2 rows and
+    extrapolated linearly (activations grow with the rows, weights do not), then the choice is tried once;
+    an out-of-memory error halves it."""
+    device = model.device
+
+    def peak(rows: int) -> int:
+        engine = SlotEngine(model, cfg, rows, runtime, slots=rows, image_size=image_size)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for s in range(rows):
+            engine.slots[s] = _SlotState(s, "", Progress(), Request(Kind.INNER, 0, cfg.learning_rate))
+        engine._run_grad(list(range(rows)))
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    free, _ = torch.cuda.mem_get_info(device)
+    one, two = peak(1), peak(2)
+    per_row, fixed = max(two - one, 1), max(2 * one - two, 0)
+    rows = 1
+    while rows * 2 <= cap and fixed + per_row * rows * 2 <= 0.85 * free:
+        rows *= 2
+    while rows > 1:
+        try:
+            peak(rows)
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows //= 2
+    return rows
