@@ -3,9 +3,11 @@
   nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--config YAML] [key=value ...]
   nti status OUTPUT
 
-Exit status of ``nti invert``: 0 done (failed images are in the manifest), 1 an error (also: another rank that
-this process launched failed), 2 configuration error or an output folder made with other settings, 75 preempted
-by SIGTERM/SIGUSR1/SIGUSR2 with the state saved, on any rank (rerun to resume).
+Exit status of ``nti invert`` (``EXIT_*`` below): 0 every image inverted; 3 some images failed (the others are
+done; the manifest and ``nti status`` list them); 4 every image failed; 1 an error stopped the run (also:
+another rank that this process launched failed); 2 configuration error, an output folder made with other
+settings, or one in use by another run; 75 preempted by SIGTERM/SIGUSR1/SIGUSR2 with the state saved, on any
+rank (rerun to resume); 130 Ctrl-C, state saved.
   nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
 
 ``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
@@ -18,10 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+EXIT_OK = 0
+EXIT_ERROR = 1
 EXIT_CONFIG_ERROR = 2
-"""Bad configuration, or an output folder made with other settings."""
+"""Bad configuration, an output folder made with other settings, or one locked by another run."""
+EXIT_SOME_FAILED = 3
+EXIT_ALL_FAILED = 4
 EXIT_PREEMPTED = 75
-"""SIGTERM/SIGUSR1: the batch state is saved; rerun the same command to resume (``runner.EXIT_PREEMPTED``)."""
+"""SIGTERM/SIGUSR1: the state is saved; rerun the same command to resume (``run.EXIT_PREEMPTED``)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: the state is saved, as for a preemption."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_invert(args) -> int:
     from nti_lightning.config import ConfigError, load_config
-    from nti_lightning.runner import OutputMismatchError, RankFailedError, format_header, format_row, run_inversion
+    from nti_lightning.run import (
+        OutputLockedError,
+        OutputMismatchError,
+        RankFailedError,
+        format_header,
+        format_row,
+        run_inversion,
+    )
 
     overrides = list(args.overrides)
     if args.images:
@@ -68,7 +83,7 @@ def cmd_invert(args) -> int:
         return EXIT_CONFIG_ERROR
     try:
         summary = run_inversion(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, quiet=args.quiet)
-    except OutputMismatchError as e:
+    except (OutputMismatchError, OutputLockedError) as e:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except RankFailedError as e:  # another rank launched by this process failed (this one finished)
@@ -85,10 +100,25 @@ def cmd_invert(args) -> int:
         f"{summary.n_done} inverted, {summary.n_failed} failed, {summary.skipped} already done "
         f"→ {summary.output}/manifest*.jsonl"
     )
-    if summary.preempted:
-        print(f"preempted: state saved under {summary.output}/checkpoints; rerun the same command to resume")
-        return EXIT_PREEMPTED
-    return 0
+    if summary.preempted or summary.interrupted:
+        how = "interrupted" if summary.interrupted else "preempted"
+        print(f"{how}: state saved under {summary.output}/checkpoints; rerun the same command to resume")
+        return EXIT_INTERRUPTED if summary.interrupted else EXIT_PREEMPTED
+    return exit_status(summary)
+
+
+def exit_status(summary) -> int:
+    """0 all done, 3 some failed, 4 all failed — counting images skipped as failed by earlier runs too."""
+    failed = summary.n_failed + summary.skipped_failed
+    ok = summary.n_done + summary.skipped - summary.skipped_failed
+    if failed == 0:
+        return EXIT_OK
+    if ok == 0:
+        print(f"every image failed ({failed}); `nti status {summary.output}` lists why", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    print(f"{failed} image(s) failed; `nti status {summary.output}` lists them, --retry-failed redoes them",
+          file=sys.stderr)
+    return EXIT_SOME_FAILED
 
 
 def cmd_status(args) -> int:

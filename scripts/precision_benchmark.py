@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nti_lightning.config import load_config
-from nti_lightning.runner import read_manifest, run_inversion
+from nti_lightning.run import read_manifest, run_inversion
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

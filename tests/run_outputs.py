@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from nti_lightning.runner import read_manifest
+from nti_lightning.run import read_manifest
 
 
 def read_nulls(out) -> dict[str, torch.Tensor]:

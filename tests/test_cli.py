@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from nti_lightning import load_inversion, load_model
-from nti_lightning.cli import main
+from nti_lightning.cli import EXIT_SOME_FAILED, main
 from nti_lightning.config import load_config
 
 GOOD = {"good1.png": "a photo of a cat", "good2.jpg": "a red car", "gray.png": "a gray wall", "rgba.png": "a logo"}
@@ -57,7 +57,7 @@ def test_local_folder_loads_through_load_model(model_dir, random_model):
 
 def test_invert_folder_with_good_and_bad_files(dataset, model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _run(dataset, out, model_dir) == 0
+    assert _run(dataset, out, model_dir) == EXIT_SOME_FAILED  # 4 inverted, 8 failed: exit 3, not 0
     printed = capsys.readouterr().out
     assert "4 inverted" in printed and "8 failed" in printed
     records = {r["id"]: r for r in _manifest(out)}
@@ -90,17 +90,18 @@ def test_invert_folder_with_good_and_bad_files(dataset, model_dir, tmp_path, cap
     assert cfg.trainer.precision == "32-true" and json.loads((out / "run.json").read_text())["precision"] == "32-true"
     assert not list(out.rglob("*.tmp"))
 
-    # a rerun skips everything already recorded
-    assert _run(dataset, out, model_dir) == 0
+    # a rerun skips everything already recorded; the folder still holds failures: exit 3
+    assert _run(dataset, out, model_dir) == EXIT_SOME_FAILED
     assert "0 inverted, 0 failed, 12 already done" in capsys.readouterr().out
     assert len(_manifest(out)) == 12
     # --retry-failed re-attempts only the failures
-    assert _run(dataset, out, model_dir, "--retry-failed") == 0
+    assert _run(dataset, out, model_dir, "--retry-failed") == EXIT_SOME_FAILED
     assert "0 inverted, 8 failed, 4 already done" in capsys.readouterr().out
 
     # other hyperparameters into the same folder: refused, nothing written
     assert _run(dataset, out, model_dir, "inversion.guidance_scale=5.0") == 2
-    assert "different settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings" in err and "inversion.guidance_scale: 7.5 there, 5.0 now" in err
     assert len(_manifest(out)) == 20
 
     assert main(["status", str(out)]) == 0
@@ -109,7 +110,7 @@ def test_invert_folder_with_good_and_bad_files(dataset, model_dir, tmp_path, cap
     # an image recorded "ok" whose inversion file is gone is inverted again, and only that one
     ok_rec = next(r for r in _manifest(out) if r["status"] == "ok")
     (out / ok_rec["paths"]["inversion"]).unlink()
-    assert _run(dataset, out, model_dir) == 0
+    assert _run(dataset, out, model_dir) == EXIT_SOME_FAILED
     assert "1 inverted, 0 failed, 11 already done" in capsys.readouterr().out
     assert (out / ok_rec["paths"]["inversion"]).is_file()
 

@@ -18,13 +18,13 @@ import torch
 from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import main
-from nti_lightning.runner import EXIT_PREEMPTED
+from nti_lightning.run import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ["img0", "img1", "img2"]
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
-        "output.checkpoint_every=1", "trainer.accelerator=cpu"]  # fmt: skip
+        "output.checkpoint_every_s=0", "trainer.accelerator=cpu"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,25 +89,37 @@ def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_di
     assert main(["status", str(out)]) == 0
     assert "stopped mid-way" in capsys.readouterr().out
 
-    # a checkpoint of another batch (here: other pixels) is detected and not reused
+    # an in-flight image whose file changed since the checkpoint (here: its recorded pixel hash) starts over
     stale = tmp_path / "stale"
     shutil.copytree(out, stale)
     ck = torch.load(stale / "checkpoints" / "shard0.rank0.pt", weights_only=True)
-    ident = json.loads(ck["identity"])
-    ident["pixels_sha256"] = "0" * 64
-    ck["identity"] = json.dumps(ident, sort_keys=True)
+    items = json.loads(ck["items"])
+    changed = sorted(items)[0]
+    items[changed]["sha256"] = "0" * 64
+    ck["items"] = json.dumps(items)
     torch.save(ck, stale / "checkpoints" / "shard0.rank0.pt")
     assert main(_args(dataset, stale, model_dir)) == 0
-    assert "ignoring stale checkpoint" in (stale / "logs" / "rank0.log").read_text()
+    assert "changed since the checkpoint; it starts over" in (stale / "logs" / "rank0.log").read_text()
     assert_same_as_reference(stale, reference[1], IDS)
+    # a checkpoint made with other engine settings is not reused
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    ck = torch.load(other / "checkpoints" / "shard0.rank0.pt", weights_only=True)
+    ident = json.loads(ck["identity"])
+    ident["slots"] += 1
+    ck["identity"] = json.dumps(ident, sort_keys=True)
+    torch.save(ck, other / "checkpoints" / "shard0.rank0.pt")
+    assert main(_args(dataset, other, model_dir)) == 0
+    assert "ignoring checkpoint" in (other / "logs" / "rank0.log").read_text()
+    assert_same_as_reference(other, reference[1], IDS)
 
     # changed hyperparameters with a mid-batch checkpoint: refused, checkpoint kept; --overwrite drops it
     assert main(_args(dataset, out, model_dir, "inversion.guidance_scale=5.0")) == 2
-    assert "different settings" in capsys.readouterr().err
+    assert "other settings" in capsys.readouterr().err
     assert (out / "checkpoints" / "shard0.rank0.pt").is_file()
 
     assert main(_args(dataset, out, model_dir)) == 0  # resume
-    assert "resuming batch" in (out / "logs" / "rank0.log").read_text()
+    assert "resuming " in (out / "logs" / "rank0.log").read_text()
     assert_same_as_reference(out, reference[1], IDS)
 
 

@@ -265,7 +265,7 @@ def read_edit_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]
 def manifest_inversions(root: Path) -> dict[str, str]:
     """image id → inversion path (relative to ``root``) of the finished images of an ``nti invert`` output
     folder, from its manifests: with ``output.subdirs=true`` an image's folder is ``root/ab/<id>/``."""
-    from nti_lightning.runner import read_manifest
+    from nti_lightning.run import read_manifest
 
     recs = read_manifest(root)
     return {k: r["paths"]["inversion"] for k, r in recs.items() if r.get("status") == "ok" and "paths" in r}
