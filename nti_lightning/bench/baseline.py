@@ -8,8 +8,11 @@ This follows the structure of ``NullInversion`` in the authors' ``null_text_w_pt
 - the conditional ε once per timestep without grad, then up to N inner steps of the unconditional branch
   with grad (line 9), the early-stop test after ``optimizer.step()`` with the loss from before it;
 - z̄_{t−1} from one batched [∅_t, C] call: the conditional branch recomputed;
-- the UNet weights keep ``requires_grad=True``, so every backward also fills (and accumulates) weight
-  gradients nobody uses.
+- as distributed (``weights_grad=True``, ``classic_attention=True``): the UNet weights keep
+  ``requires_grad=True``, so every backward also fills (and accumulates) weight gradients nobody uses, and
+  every attention layer runs the authors' hook (``register_attention_control``: an explicit
+  softmax(QKᵀ/√d) — here ``p2p.P2PAttnProcessor`` with an identity controller, the same operations);
+  ``weights_grad=False, classic_attention=False`` is their loop with frozen weights and fused attention.
 
 The arithmetic is the package's own pure functions (``nti_lightning.ddim``), so the engine can be checked
 against it bit for bit where it does the same operations. It exists to be measured, not used.
@@ -23,16 +26,9 @@ import torch
 from torch import Tensor
 
 from nti_lightning.config import InversionConfig
-from nti_lightning.ddim import (
-    classifier_free_guidance,
-    ddim_inverse_step,
-    ddim_step,
-    early_stop_threshold,
-    latent_mse,
-    null_text_lr,
-    schedule_from_scheduler,
-)
-from nti_lightning.engine import encode_latents
+from nti_lightning.ddim import classifier_free_guidance, ddim_inverse_step, ddim_step, schedule_from_scheduler
+from nti_lightning.nulltext import early_stop_threshold, latent_mse, null_text_lr
+from nti_lightning.sampling import encode_latents
 from nti_lightning.text import encode_null, encode_text
 
 
@@ -48,11 +44,20 @@ class BaselineResult:
     unet_calls: dict[str, int] = field(default_factory=dict)  # evaluations by kind (the pivot included)
 
 
-def baseline_invert(model, pixels: Tensor, prompt: str, cfg: InversionConfig) -> BaselineResult:
+def baseline_invert(
+    model,
+    pixels: Tensor,
+    prompt: str,
+    cfg: InversionConfig,
+    weights_grad: bool = True,
+    classic_attention: bool = False,
+    recompute_cond: bool = True,
+) -> BaselineResult:
     """Null-text-inverts one image (pixels: (1, 3, H, W) in [-1, 1]) the way the authors' code does.
 
-    ``cfg.batch_size``, ``skip_redundant_unet_calls`` and ``pivot_guidance_scale`` are ignored: the loop is
-    the authors' (one image, recomputed conditional branch, w = 1 pivot).
+    ``cfg.batch_size`` is ignored: the loop is the authors' (one image). ``recompute_cond=False`` reuses the
+    timestep's conditional ε for z̄_{t−1} (one unconditional call instead of a batched pair): the package's
+    call structure, with ``torch.optim.Adam`` — the reference the slot engine's per-row Adam is tested against.
     """
     if pixels.shape[0] != 1:
         raise ValueError(f"the baseline inverts one image at a time, got a batch of {pixels.shape[0]}")
@@ -63,7 +68,12 @@ def baseline_invert(model, pixels: Tensor, prompt: str, cfg: InversionConfig) ->
         return unet(z, t, encoder_hidden_states=context, return_dict=False)[0].float()
 
     frozen = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(True)  # as in the authors' code: backward also computes every weight gradient
+    unet.requires_grad_(weights_grad)  # as distributed: backward also computes every weight gradient
+    processors = unet.attn_processors
+    if classic_attention:
+        from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
+
+        unet.set_attn_processor({n: P2PAttnProcessor(lambda a, c, p: a, place_in_unet(n)) for n in processors})
     try:
         # 1. Image and text: z*_0, C = ψ(P), ∅ = ψ("")
         z0 = encode_latents(model, pixels.to(model.device))  # (1, 4, h, w)
@@ -114,13 +124,19 @@ def baseline_invert(model, pixels: Tensor, prompt: str, cfg: InversionConfig) ->
                     break
             null_list.append(uncond[:1].detach())
             with torch.no_grad():  # ``get_noise_pred``: both branches again, in one batched call
-                context = torch.cat([uncond, cond])  # (2, L, D)
-                eps_uncond, eps_cond = eps(torch.cat([latent_cur] * 2), t, context).chunk(2)
-                calls["final_batched"] += 1
+                if recompute_cond:
+                    context = torch.cat([uncond, cond])  # (2, L, D)
+                    eps_uncond, eps_cond = eps(torch.cat([latent_cur] * 2), t, context).chunk(2)
+                    calls["final_batched"] += 1
+                else:
+                    eps_uncond = eps(latent_cur, t, uncond)
+                    calls["uncond"] = calls.get("uncond", 0) + 1
                 latent_cur = ddim_step(
                     schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
                 )
     finally:
+        if classic_attention:
+            unet.set_attn_processor(processors)
         for p, flag in zip(unet.parameters(), frozen):
             p.requires_grad_(flag)
             p.grad = None
