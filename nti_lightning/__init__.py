@@ -1,24 +1,38 @@
-"""nti_lightning: Null-text Inversion (Mokady et al., CVPR 2023) and Prompt-to-Prompt editing on Lightning."""
+"""nti_lightning: Null-text Inversion (Mokady et al., CVPR 2023) and Prompt-to-Prompt editing on Lightning.
+
+The public names are imported on first use (``nti_lightning.invert`` pulls in torch and diffusers; ``nti
+--help`` and ``nti status`` do not need them).
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from nti_lightning.api import invert, reconstruct  # noqa: E402
-from nti_lightning.config import InversionConfig, RunConfig, load_config  # noqa: E402
-from nti_lightning.inversion import Inversion, load_inversion, save_inversion  # noqa: E402
-from nti_lightning.models import NTIModel, load_model  # noqa: E402
-from nti_lightning.p2p import edit  # noqa: E402
+_EXPORTS = {
+    "invert": "nti_lightning.api",
+    "reconstruct": "nti_lightning.api",
+    "InversionConfig": "nti_lightning.config",
+    "RunConfig": "nti_lightning.config",
+    "load_config": "nti_lightning.config",
+    "Inversion": "nti_lightning.inversion",
+    "load_inversion": "nti_lightning.inversion",
+    "save_inversion": "nti_lightning.inversion",
+    "NTIModel": "nti_lightning.models",
+    "load_model": "nti_lightning.models",
+    "edit": "nti_lightning.p2p",
+}
 
-__all__ = [
-    "Inversion",
-    "edit",
-    "InversionConfig",
-    "NTIModel",
-    "RunConfig",
-    "invert",
-    "load_config",
-    "load_inversion",
-    "load_model",
-    "reconstruct",
-    "save_inversion",
-    "__version__",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nti_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [*_EXPORTS, "__version__"]

@@ -18,6 +18,7 @@ Overrides are OmegaConf dotlist keys of ``RunConfig`` (``inversion.num_inner_ste
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK = 0
@@ -33,7 +34,11 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nti_lightning import __version__
+
     parser = argparse.ArgumentParser(prog="nti", description="Null-text Inversion and Prompt-to-Prompt editing")
+    parser.add_argument("--version", action="version", version=f"nti_lightning {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NTI_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inv = sub.add_parser("invert", help="invert a folder or list of images (default: the bundled samples)")
@@ -47,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     st = sub.add_parser("status", help="summarise done / failed / pending of an output folder")
-    st.add_argument("output")
+    st.add_argument("output", help="the output folder of an `nti invert` run (its --output)")
 
     try:
-        from nti_lightning.p2p.cli import add_edit_subparser
+        from nti_lightning.edit_args import add_edit_subparser
     except ImportError:  # editing not available in this build
         pass
     else:
@@ -142,6 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("NTI_DEBUG") == "1"
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:
+        print("nti: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a user mistake or a failure: one line, the traceback only with --debug
+        if debug:
+            raise
+        print(f"nti {args.command}: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        # a path, value or device that is not there is the user's to fix: a configuration error
+        return EXIT_CONFIG_ERROR if isinstance(e, (OSError, ValueError)) else EXIT_ERROR
+
+
+def dispatch(args) -> int:
     if args.command == "invert":
         return cmd_invert(args)
     if args.command == "status":

@@ -266,7 +266,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         obj = OmegaConf.to_object(merged)
     except (ConfigAttributeError, ConfigKeyError, ValidationError) as e:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid configuration{where}: {e.msg if hasattr(e, 'msg') else e}") from None
+        msg = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"invalid configuration{where}: {key + ': ' if key else ''}{msg}") from None
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from nti_lightning.image import IMAGE_SUFFIXES
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+"""What a folder scan takes for an image."""
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "samples"
 LIST_SUFFIXES = {".jsonl", ".csv", ".txt"}

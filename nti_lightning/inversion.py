@@ -51,6 +51,12 @@ class Inversion:
         return {"prompt_embeds": self.null_embeddings[i][None].to(device)}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically."""
     path = Path(path)
@@ -64,6 +70,7 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"nti_lightning": json.dumps(record)})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the other outputs follow the umask
     os.replace(tmp, path)
     return path
 

@@ -125,7 +125,9 @@ class SlotBank(L.LightningModule):
         the model's null. → {key: (n, …)}"""
         n = len(slots)
         return {
-            k: self.null_embeddings[k][slots, steps] if k in self.learnable else self.null(k).expand(n, *self.null(k).shape[1:])
+            k: self.null_embeddings[k][slots, steps]
+            if k in self.learnable
+            else self.null(k).expand(n, *self.null(k).shape[1:])
             for k in self.keys
         }
 
@@ -367,12 +369,18 @@ class SlotEngine:
         call = self._padded(rows)
         reqs = [self.slots[s].request for s in call]
         dev = bank.z_bar.device
-        z = torch.stack([bank.trajectory[s, r.index] if r.kind is Kind.PIVOT else bank.z_bar[s] for s, r in zip(call, reqs)])
+        z = torch.stack(
+            [bank.trajectory[s, r.index] if r.kind is Kind.PIVOT else bank.z_bar[s] for s, r in zip(call, reqs)]
+        )
         t = torch.tensor(self._timesteps(reqs), device=dev)
         cond = {
             k: torch.stack(
-                [bank.null_rows(torch.tensor([s]), torch.tensor([r.index]))[k][0] if r.kind is Kind.ADVANCE else bank.cond(k)[s]
-                 for s, r in zip(call, reqs)]
+                [
+                    bank.null_rows(torch.tensor([s]), torch.tensor([r.index]))[k][0]
+                    if r.kind is Kind.ADVANCE
+                    else bank.cond(k)[s]
+                    for s, r in zip(call, reqs)
+                ]
             )
             for k in bank.keys
         }

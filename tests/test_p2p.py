@@ -10,7 +10,6 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.sampling import ddim_sample, unet_denoiser
 from nti_lightning.inversion import IncompatibleInversionError, Inversion, save_inversion
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import build_random_components
@@ -33,6 +32,7 @@ from nti_lightning.p2p.controllers import (
     step_range,
 )
 from nti_lightning.p2p.edit import build_controller
+from nti_lightning.sampling import ddim_sample, unet_denoiser
 from nti_lightning.text import encode_null, encode_text
 
 T = 4  # DDIM steps

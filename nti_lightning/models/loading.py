@@ -107,6 +107,10 @@ def model_from_components(unet, vae, text_encoder, tokenizer, scheduler, source:
     return NTIModel(unet, vae, text_encoder, tokenizer, ddim_scheduler_from(scheduler.config), source=source)
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """``model.spec`` names no model that can be loaded here (a path that is not there, no hub)."""
+
+
 def load_model(
     spec: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,
@@ -120,6 +124,12 @@ def load_model(
     offline), or a hub id (only where the machine can reach a hub).
     """
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # a quiet console: no per-component bars or notices
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
@@ -154,7 +164,7 @@ def load_model(
         try:
             pipe = StableDiffusionPipeline.from_pretrained(spec_str, **kwargs)
         except Exception as e:
-            raise RuntimeError(
+            raise ModelNotFoundError(
                 f"could not load model {spec_str!r}: it is not 'tiny', a local folder or a .safetensors/.ckpt "
                 f"file, and loading it as a hub id failed ({type(e).__name__}: {e}). Without a hub, download "
                 "the model elsewhere and pass its local folder."

@@ -17,7 +17,6 @@ that cannot be applied is recorded as failed with the reason and the others go o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,11 +28,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from nti_lightning.edit_args import DEFAULT_BATCH_SIZE, add_edit_subparser  # noqa: F401 (a light module)
 from nti_lightning.inversion import Inversion, load_inversion
 from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
 from nti_lightning.p2p.edit import (
     CROSS_REPLACE_STEPS,
-    MODES,
     SELF_REPLACE_STEPS,
     EditResult,
     EditSpec,
@@ -55,46 +54,6 @@ EDIT_KEYS = {
     "self_replace",
     "guidance_scale",
 }
-DEFAULT_BATCH_SIZE = 4
-"""Edits of one image sampled in one pass (the UNet batch is 2·(1 + edits))."""
-
-
-def add_edit_subparser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "edit",
-        help="Prompt-to-Prompt edit of inverted images",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inversion", help="an inversion .safetensors file, or with --edits an `nti invert` output folder")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--target", help="the target prompt")
-    what.add_argument("--edits", help="JSONL with one edit per line over the output folder (batch form)")
-    p.add_argument("--mode", choices=MODES, default=None, help="edit kind (default: inferred from the prompts)")
-    p.add_argument("--blend", nargs="+", metavar="WORD", default=None, help="local blend: change only these words")
-    p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE", default=None, help="scale a word's attention")
-    p.add_argument(
-        "--cross-replace",
-        nargs="+",
-        metavar="FRACTION|WORD=FRACTION",
-        default=None,
-        help=f"fraction of steps injecting the source's cross-attention (default {CROSS_REPLACE_STEPS}); "
-        "WORD=FRACTION sets one target word's",
-    )
-    p.add_argument("--self-replace", type=float, default=SELF_REPLACE_STEPS, help="fraction for self-attention")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the inversion's")
-    p.add_argument("--attention", action="store_true", help="also save each token's cross-attention map (PNG)")
-    p.add_argument("--model", default=None, help="model to load (default: the one recorded in the inversion)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--output", default=None, help="picture folder (single form; default: <inversion dir>/edits)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="edits per sampling pass")
-    p.add_argument("--results", default=None, help="results JSONL (batch form; default OUTPUT_DIR/edit_results.jsonl)")
-    return p
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------------------
 
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:

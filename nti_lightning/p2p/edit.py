@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from nti_lightning.ddim import schedule_from_scheduler
+from nti_lightning.edit_args import CROSS_REPLACE_STEPS, MODES, SELF_REPLACE_STEPS  # noqa: E402,F401
 from nti_lightning.image import ImageError, prepare_image, tensor_to_image
 from nti_lightning.inversion import Inversion, check_compatible
 from nti_lightning.p2p import alignment
@@ -44,11 +45,6 @@ from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import ddim_sample, decode_latents
 from nti_lightning.text import check_prompt
 
-MODES = ("replace", "refine", "reweight")
-CROSS_REPLACE_STEPS = 0.8
-"""Fraction of the steps (from the start) in which the source's cross-attention is injected (authors: 0.8)."""
-SELF_REPLACE_STEPS = 0.4
-"""Fraction of the steps in which the source's self-attention is injected (authors: 0.4–0.6 per example)."""
 DEFAULT_GUIDANCE_SCALE = 7.5
 """Used only when the inversion does not record the guidance scale it was optimised for."""
 ATTENTION_TILE = 128
@@ -218,7 +214,9 @@ def edit_batch(
     w = guidance_scale if guidance_scale is not None else default_guidance_scale(inversion)
     callback = controller.step_callback if controller is not None else None
     with attention_control(model.unet, controller):
-        z0 = ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, callback)  # (B, C, h, w)
+        z0 = ddim_sample(
+            runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, callback
+        )  # (B, C, h, w)
     # 4. Decode; collect the attention maps
     pixels = decode_latents(model, z0).cpu()
     result = EditResult(source, targets, modes, z0.cpu(), [tensor_to_image(x) for x in pixels])

@@ -5,23 +5,27 @@
 ``checkpoint`` (the engine's state), ``lock`` (one run per folder), ``signals`` (stop and resume).
 """
 
-from nti_lightning.run.identity import OutputMismatchError
-from nti_lightning.run.launch import RankFailedError, run_inversion
-from nti_lightning.run.lock import OutputLockedError
-from nti_lightning.run.manifest import ManifestIndex, read_manifest
-from nti_lightning.run.outputs import RunSummary, format_header, format_row
-from nti_lightning.run.signals import EXIT_PREEMPTED, StopFlag
+from importlib import import_module
 
-__all__ = [
-    "EXIT_PREEMPTED",
-    "ManifestIndex",
-    "OutputLockedError",
-    "OutputMismatchError",
-    "RankFailedError",
-    "RunSummary",
-    "StopFlag",
-    "format_header",
-    "format_row",
-    "read_manifest",
-    "run_inversion",
-]
+_EXPORTS = {
+    "OutputMismatchError": "identity",
+    "RankFailedError": "launch",
+    "run_inversion": "launch",
+    "OutputLockedError": "lock",
+    "ManifestIndex": "manifest",
+    "read_manifest": "manifest",
+    "RunSummary": "outputs",
+    "format_header": "outputs",
+    "format_row": "outputs",
+    "EXIT_PREEMPTED": "signals",
+    "StopFlag": "signals",
+}
+
+
+def __getattr__(name: str):  # lazy: ``nti status`` reads manifests without importing torch
+    if name in _EXPORTS:
+        return getattr(import_module(f"nti_lightning.run.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'nti_lightning.run' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -49,6 +49,22 @@ def make_fabric(cfg: RunConfig, launch: bool = True):
     return fabric
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
+    folder, and every rank sees the same paths whatever its working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    data = replace(cfg.data, images=[absolute(p) for p in cfg.data.images] if cfg.data.images else cfg.data.images,
+                   captions=absolute(cfg.data.captions))  # fmt: skip
+    spec = cfg.model.spec
+    if spec != "tiny" and Path(spec).expanduser().exists():
+        spec = absolute(spec)
+    return replace(cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data,
+                   model=replace(cfg.model, spec=spec))  # fmt: skip
+
+
 def run_inversion(
     cfg: RunConfig,
     *,
@@ -63,6 +79,7 @@ def run_inversion(
     Where this process launches the other ranks itself (``trainer.strategy=ddp`` without srun/torchrun, or
     ``ddp_spawn``) it passes stop signals on to them and waits for them: the summary is ``preempted`` if any
     rank was, and ``RankFailedError`` is raised if any rank failed."""
+    cfg = absolute_paths(cfg)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     if precision != cfg.trainer.precision:  # "auto": record the mode that actually runs
         cfg = replace(cfg, trainer=replace(cfg.trainer, precision=precision))

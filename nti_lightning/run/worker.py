@@ -187,6 +187,9 @@ class Worker:
         self.captions, warnings = read_captions(captions_path) if captions_path else (None, [])
         for w in warnings:
             self.log(f"warning: {w}")
+        for path in self.images:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"input {path} does not exist; fix --images (or data.images)")
         total = self.n_todo = 0
         self.skipped_failed = 0
         for k, item in enumerate(iter_items(self.images, None)):
@@ -205,7 +208,7 @@ class Worker:
             progress = {"total": total, "num_shards": self.num_shards, "world_size": self.world}
             atomic_write_bytes(self.out_dir / "progress.json", json.dumps(progress).encode())
         if total == 0:
-            self.log(f"warning: no images found in {', '.join(self.images)}")
+            raise FileNotFoundError(f"no images found in {', '.join(self.images)}; give image files, folders or lists")
 
     def already_done(self, item: Item) -> bool:
         prev = self.previous.get(item.id)
@@ -367,7 +370,10 @@ def run_worker(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_
         except Preempted as e:
             interrupted = stop.signum == signal.SIGINT
             w.summary.preempted, w.summary.interrupted = not interrupted, interrupted
-            w.log(f"{w.name}: {'interrupted' if interrupted else 'preempted'} ({e}); state saved to {w.ckpt_path}; rerun the same command to resume")
+            w.log(
+                f"{w.name}: {'interrupted' if interrupted else 'preempted'} ({e}); state saved to {w.ckpt_path}; "
+                "rerun the same command to resume"
+            )
             if not interrupted and w.rank == 0 and cfg.output.requeue and os.environ.get("SLURM_JOB_ID"):
                 requeue_slurm_job(w.log)
         s = w.summary  # 6
