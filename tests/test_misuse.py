@@ -120,3 +120,13 @@ def test_cli_starts_without_torch_and_has_a_version():
     assert res.stdout.strip() == "False", res.stderr
     res = subprocess.run([sys.executable, "-m", "nti_lightning.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("nti_lightning ")
+
+
+def test_image_size_null_equals_the_size_it_resolves_to(noise_dataset, model_dir, random_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    native = random_model.native_image_size
+    base = [a for a in _args(noise_dataset, out, model_dir) if not a.startswith("inversion.image_size")]
+    assert main([*base, f"inversion.image_size={native}"]) == 0
+    capsys.readouterr()
+    assert main([*base, "inversion.image_size=null"]) == 0  # the same run: nothing redone
+    assert f"0 inverted, 0 failed, {len(IDS)} already done" in capsys.readouterr().out

@@ -21,10 +21,12 @@ class OutputMismatchError(RuntimeError):
 
 def run_identity(cfg: RunConfig, model) -> dict:
     """What must not change between runs writing into one folder."""
+    inversion = {k: v for k, v in asdict(cfg.inversion).items() if k not in NOT_IDENTITY}
+    inversion["image_size"] = image_size_for(model, cfg.inversion)  # null and the size it resolves to are one
     return {
         "model_fingerprint": model.fingerprint,
         "model_source": model.source,
-        "inversion": {k: v for k, v in asdict(cfg.inversion).items() if k not in NOT_IDENTITY},
+        "inversion": inversion,
         "image_size": image_size_for(model, cfg.inversion),
         "precision": cfg.trainer.precision,
     }
