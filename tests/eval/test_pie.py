@@ -117,5 +117,6 @@ def test_sample_script_is_deterministic(tmp_path):
     spec.loader.exec_module(module)
     module.write_sample(tmp_path)
     assert (tmp_path / "mapping_file.json").read_bytes() == (SAMPLE / "mapping_file.json").read_bytes()
-    for p in (SAMPLE / "annotation_images").rglob("*.jpg"):
-        assert (tmp_path / "annotation_images" / p.relative_to(SAMPLE / "annotation_images")).read_bytes() == p.read_bytes()
+    images = SAMPLE / "annotation_images"
+    for p in images.rglob("*.jpg"):
+        assert (tmp_path / "annotation_images" / p.relative_to(images)).read_bytes() == p.read_bytes()
