@@ -44,7 +44,7 @@ def shaded_ellipse(canvas: np.ndarray, box: Box, colour: tuple[int, int, int], l
     inside = d <= 1
     hl = np.hypot((xx - cx + 0.35 * rx) / rx, (yy - cy + 0.35 * ry) / ry)
     shade = np.clip(1.25 - light * hl, 0.35, 1.3)
-    canvas[inside] = (np.array(colour)[None] * shade[inside][:, None])
+    canvas[inside] = np.array(colour)[None] * shade[inside][:, None]
 
 
 def ellipse_mask(box: Box) -> np.ndarray:
@@ -65,8 +65,9 @@ def rect_mask(box: Box) -> np.ndarray:
     return np.asarray(m) > 127
 
 
-def paint(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], rng: np.random.Generator,
-          amp: float = 6.0) -> None:
+def paint(
+    canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], rng: np.random.Generator, amp: float = 6.0
+) -> None:
     """Fill ``mask`` with a slightly noisy flat colour, in place."""
     canvas[mask] = np.array(colour)[None] + rng.normal(0, amp, (int(mask.sum()), 1))
 
@@ -207,26 +208,96 @@ def scene_lighthouse(rng):
 
 SCENES: list[tuple[str, str, Callable, str, str, str, str]] = [
     # (editing_type_id, name, scene, original_prompt, editing_prompt, editing_instruction, blended_word)
-    ("0", "house", scene_house, "a house with a red roof on a green lawn",
-     "a house with a [blue] roof on a green lawn", "Make the roof blue", "roof roof"),
-    ("1", "ball", scene_ball, "a red ball on green grass", "a red [apple] on green grass",
-     "Change the ball into an apple", "ball apple"),
-    ("2", "cup_spoon", scene_cup_spoon_spot, "a white cup on a wooden table",
-     "a white cup [and a spoon] on a wooden table", "Add a spoon next to the cup", ""),
-    ("3", "cat_ball", scene_cat_ball, "a grey cat sitting on a red rug [with a blue ball]",
-     "a grey cat sitting on a red rug", "Remove the blue ball", ""),
-    ("4", "sun", scene_sun, "a smiling sun over the sea", "a [frowning] sun over the sea",
-     "Make the sun frown", "sun sun"),
-    ("5", "cat", scene_cat, "a grey cat sitting on a red rug", "a grey cat [lying] on a red rug",
-     "Make the cat lie down", "cat cat"),
-    ("6", "car", scene_car, "a yellow car on a grey road", "a [red] car on a grey road",
-     "Paint the car red", "car car"),
-    ("7", "cup", scene_cup, "a white cup on a wooden table", "a [glass] cup on a wooden table",
-     "Make the cup out of glass", "cup cup"),
-    ("8", "snowman", scene_snowman, "a snowman in a snowy field", "a snowman [on a sandy beach]",
-     "Put the snowman on a beach", ""),
-    ("9", "lighthouse", scene_lighthouse, "a lighthouse by the sea",
-     "a [watercolor painting of a] lighthouse by the sea", "Make it a watercolor painting", ""),
+    (
+        "0",
+        "house",
+        scene_house,
+        "a house with a red roof on a green lawn",
+        "a house with a [blue] roof on a green lawn",
+        "Make the roof blue",
+        "roof roof",
+    ),
+    (
+        "1",
+        "ball",
+        scene_ball,
+        "a red ball on green grass",
+        "a red [apple] on green grass",
+        "Change the ball into an apple",
+        "ball apple",
+    ),
+    (
+        "2",
+        "cup_spoon",
+        scene_cup_spoon_spot,
+        "a white cup on a wooden table",
+        "a white cup [and a spoon] on a wooden table",
+        "Add a spoon next to the cup",
+        "",
+    ),
+    (
+        "3",
+        "cat_ball",
+        scene_cat_ball,
+        "a grey cat sitting on a red rug [with a blue ball]",
+        "a grey cat sitting on a red rug",
+        "Remove the blue ball",
+        "",
+    ),
+    (
+        "4",
+        "sun",
+        scene_sun,
+        "a smiling sun over the sea",
+        "a [frowning] sun over the sea",
+        "Make the sun frown",
+        "sun sun",
+    ),
+    (
+        "5",
+        "cat",
+        scene_cat,
+        "a grey cat sitting on a red rug",
+        "a grey cat [lying] on a red rug",
+        "Make the cat lie down",
+        "cat cat",
+    ),
+    (
+        "6",
+        "car",
+        scene_car,
+        "a yellow car on a grey road",
+        "a [red] car on a grey road",
+        "Paint the car red",
+        "car car",
+    ),
+    (
+        "7",
+        "cup",
+        scene_cup,
+        "a white cup on a wooden table",
+        "a [glass] cup on a wooden table",
+        "Make the cup out of glass",
+        "cup cup",
+    ),
+    (
+        "8",
+        "snowman",
+        scene_snowman,
+        "a snowman in a snowy field",
+        "a snowman [on a sandy beach]",
+        "Put the snowman on a beach",
+        "",
+    ),
+    (
+        "9",
+        "lighthouse",
+        scene_lighthouse,
+        "a lighthouse by the sea",
+        "a [watercolor painting of a] lighthouse by the sea",
+        "Make it a watercolor painting",
+        "",
+    ),
 ]
 
 
@@ -247,9 +318,13 @@ def write_sample(out: Path) -> dict[str, dict]:
         (out / "annotation_images" / rel).parent.mkdir(parents=True, exist_ok=True)
         image.save(out / "annotation_images" / rel, quality=88, optimize=True)
         mapping[entry_id] = {
-            "image_path": rel, "original_prompt": src, "editing_prompt": edit,
-            "editing_instruction": instruction, "editing_type_id": type_id,
-            "blended_word": blended, "mask": encode_rle(mask),
+            "image_path": rel,
+            "original_prompt": src,
+            "editing_prompt": edit,
+            "editing_instruction": instruction,
+            "editing_type_id": type_id,
+            "blended_word": blended,
+            "mask": encode_rle(mask),
         }
     (out / "mapping_file.json").write_text(json.dumps(mapping, indent=1) + "\n", encoding="utf-8")
     return mapping

@@ -83,12 +83,12 @@ def _copy_sample(tmp_path: Path) -> tuple[Path, dict]:
 def test_bad_entries_give_one_line_each_and_the_rest_load(tmp_path):
     folder, mapping = _copy_sample(tmp_path)
     ids = list(mapping)
-    mapping[ids[0]]["colour"] = "x"                      # unknown key
-    del mapping[ids[1]]["blended_word"]                  # missing key
-    mapping[ids[2]]["image_path"] = "nowhere/none.jpg"   # missing image
-    mapping[ids[3]]["mask"] = [0, 10, 512 * 512, 5]      # run past the end
-    mapping[ids[4]]["mask"] = [0, 10, 20]                # odd length
-    mapping[ids[5]]["editing_type_id"] = "12"            # not 0-9
+    mapping[ids[0]]["colour"] = "x"  # unknown key
+    del mapping[ids[1]]["blended_word"]  # missing key
+    mapping[ids[2]]["image_path"] = "nowhere/none.jpg"  # missing image
+    mapping[ids[3]]["mask"] = [0, 10, 512 * 512, 5]  # run past the end
+    mapping[ids[4]]["mask"] = [0, 10, 20]  # odd length
+    mapping[ids[5]]["editing_type_id"] = "12"  # not 0-9
     (folder / "mapping_file.json").write_text(json.dumps(mapping))
     entries, errors = load_pie(folder)
     assert len(entries) == 4 and len(errors) == 6
