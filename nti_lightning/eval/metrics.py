@@ -102,10 +102,19 @@ def load_lpips(backbones: Backbones) -> torch.nn.Module | None:
         log.info("LPIPS skipped: torchmetrics' LPIPS needs torchvision (%s)", exc)
         return None
     features = torch.load(backbones.lpips, map_location="cpu", weights_only=True)
-    for name, slice_ in net.net.named_children():
-        for idx, module in slice_.named_children():
+    bad = ValueError(f"{backbones.lpips}: not a torchvision {backbones.lpips_net} state dict (keys features.N.*)")
+    used = 0
+    for seq in (m for m in net.net.modules() if isinstance(m, torch.nn.Sequential)):
+        for idx, module in seq.named_children():  # torchmetrics keeps torchvision's feature indices as names
             prefix = f"features.{idx}."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in features.items() if k.startswith(prefix)})
+            sub = {k[len(prefix) :]: v for k, v in features.items() if k.startswith(prefix)}
+            try:
+                module.load_state_dict(sub)
+            except RuntimeError as exc:
+                raise bad from exc
+            used += len(sub)
+    if used != sum(k.startswith("features.") for k in features):
+        raise bad
     return net.eval()
 
 

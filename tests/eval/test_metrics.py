@@ -88,15 +88,76 @@ def test_missing_backbones_skip_with_one_line_each(caplog):
     assert set(out) == {"psnr_bg", "mse_bg", "ssim_bg"}
 
 
-def test_lpips_from_local_torchvision_backbone(tmp_path):
-    torchvision = pytest.importorskip("torchvision")
-    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), tmp_path / "sq.pth")
-    net = load_lpips(Backbones(lpips=tmp_path / "sq.pth"))
+class _Fire(torch.nn.Module):
+    """torchvision's SqueezeNet Fire block (same parameter names), so no torchvision is needed here."""
+
+    def __init__(self, cin, sq, e1, e3):
+        super().__init__()
+        self.squeeze, self.expand1x1 = torch.nn.Conv2d(cin, sq, 1), torch.nn.Conv2d(sq, e1, 1)
+        self.expand3x3 = torch.nn.Conv2d(sq, e3, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+def _tv_features(net):
+    """torchvision's ``features`` layout of squeezenet1_1 / alexnet with random weights."""
+    nn = torch.nn
+    if net == "squeeze":
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        return nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2),
+            nn.ReLU(),
+            pool(),
+            _Fire(64, 16, 64, 64),
+            _Fire(128, 16, 64, 64),
+            pool(),
+            _Fire(128, 32, 128, 128),
+            _Fire(256, 32, 128, 128),
+            pool(),
+            _Fire(256, 48, 192, 192),
+            _Fire(384, 48, 192, 192),
+            _Fire(384, 64, 256, 256),
+            _Fire(512, 64, 256, 256),
+        )
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, 4, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+    )
+
+
+@pytest.mark.parametrize("net", ["squeeze", "alex"])
+def test_lpips_loads_a_local_backbone_state_dict(tmp_path, monkeypatch, net):
+    import torchmetrics.functional.image.lpips as tm_lpips
+
     from nti_lightning.eval.metrics import lpips
 
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda name, pretrained=False: _tv_features(net))
+    torch.manual_seed(1)
+    saved = {f"features.{k}": v for k, v in _tv_features(net).state_dict().items()}
+    torch.save(saved, tmp_path / "backbone.pth")
+    model = load_lpips(Backbones(lpips=tmp_path / "backbone.pth", lpips_net=net))
+    loaded = {k: v for k, v in model.net.state_dict().items()}
+    assert len(loaded) == len(saved)
+    assert sorted(float(v.sum()) for v in loaded.values()) == sorted(float(v.sum()) for v in saved.values())
     x, y = _images(1)
-    assert lpips(x, x, net).item() == pytest.approx(0.0, abs=1e-6)
-    assert math.isfinite(lpips(x, y, net).item())
+    assert lpips(x, x, model).item() == pytest.approx(0.0, abs=1e-6)
+    assert math.isfinite(lpips(x, y, model).item()) and lpips(x, y, model).item() > 0
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="state dict"):
+        load_lpips(Backbones(lpips=tmp_path / "wrong.pth", lpips_net=net))
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +252,16 @@ def test_pie_metrics_with_tiny_networks(tiny_vit, tiny_clip):
     assert all(math.isfinite(v) for v in out.values())
     same = pie_metrics(x, x, mask, "a red car", Nets(dino=tiny_vit, clip=tiny_clip))
     assert same["structure_distance"] == 0 and same["mse_bg"] == 0
+
+
+def test_lpips_without_torchvision_is_skipped_with_one_line(tmp_path, caplog):
+    try:
+        import torchvision  # noqa: F401
+
+        pytest.skip("torchvision is installed")
+    except ImportError:
+        pass
+    torch.save({}, tmp_path / "b.pth")
+    with caplog.at_level(logging.INFO, logger="nti_lightning.eval.metrics"):
+        assert load_lpips(Backbones(lpips=tmp_path / "b.pth")) is None
+    assert len(caplog.records) == 1 and "torchvision" in caplog.records[0].getMessage()
