@@ -1,27 +1,38 @@
-"""Trains and writes the embedded default model, ``nti_lightning/assets/tiny/``, and the demo samples.
+"""One trainer for every embedded tiny model: the tokenizer and VAE once, then a UNet per family on them.
 
 The package ships a tiny Stable-Diffusion-shaped pipeline (``nti_lightning/models/tiny.py``) so that
 Null-text Inversion (Mokady et al. 2023) can be run and tested offline. Random weights say nothing about the
-method (a random UNet is no denoiser), so this script gives them about ten CPU minutes of training on
-public-domain / CC0 photographs shipped with scikit-image:
+method (a random UNet is no denoiser), so this script trains them on CPU, in minutes, on images that ship
+offline (``scripts/tiny_data.py``: bundled public-domain / CC0 photographs, colour-augmented, and procedural
+colour scenes; the evaluation photographs are held out):
+
+``--family sd1`` (the default, written to ``nti_lightning/assets/tiny``):
 
 1. Tokenizer: a byte-level BPE in CLIP's format (``vocab.json`` + ``merges.txt``), trained on the captions
    and a list of common English words, loaded with ``transformers.CLIPTokenizer``.
-2. VAE: an autoencoder on random crops (posterior std pinned to ~0), then the latent space is rescaled
-   exactly (a scale folded into ``quant_conv`` / ``post_quant_conv``) so that ``scaling_factor · E(x)``
-   has unit standard deviation, with SD1.x's ``scaling_factor = 0.18215``.
-3. UNet: ε-prediction with SD1.x's betas on those latents, 10% of captions dropped to "" so that
-   classifier-free guidance has an unconditional branch to push away from.
+2. VAE: an autoencoder (L1 + MSE) on random colour crops, posterior std pinned to ~0; then the latent space
+   is rescaled exactly (a scale folded into ``quant_conv`` / ``post_quant_conv``) so that
+   ``scaling_factor · E(x)`` has unit standard deviation, with SD1.x's ``scaling_factor = 0.18215``.
+3. UNet (SD1.x layout): ε-prediction with SD1.x's betas on those latents, 10% of captions dropped to "" so
+   that classifier-free guidance has an unconditional branch to push away from.
 4. Text encoder: seeded random (``build_random_components``) and frozen.
 
-The demo photographs (``assets/samples/``) are held out of training. At the end the script measures, on
-each demo sample, DDIM inversion with w = 1 followed by sampling with w = 1 and with w = 7.5 (no NTI).
+``--family sd2`` / ``--family sdxl`` reuse the tokenizer, text encoder and VAE of an SD1 folder (``--base``,
+default the shipped one) and train only a UNet of that family's layout (``tiny.SD2_UNET_CONFIG``:
+v-prediction, linear-projection transformers, per-block head counts; ``tiny.SDXL_UNET_CONFIG``: two text
+encoders, ``addition_embed_type="text_time"`` with pooled text and ``add_time_ids``), written to
+``assets/tiny_sd2`` / ``assets/tiny_sdxl`` as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``.
 
-    python scripts/train_tiny.py                           # ~15 min on 2 CPU threads
-    python scripts/train_tiny.py --quick --out /tmp/tiny   # a smoke run of a few steps
+At the end the script checks, on each held-out demo sample, DDIM inversion with w = 1 followed by sampling
+with w = 1 and with w = 7.5 (no NTI). ``scripts/measure_tiny.py`` measures the VAE and NTI itself.
 
-Run from the repository root with the package importable (``pip install -e .[train]``, or
-``PYTHONPATH=.``); needs scikit-image for the photographs.
+    python scripts/train_tiny.py --threads 1                  # sd1: ~30 min on a busy 2-core machine
+    python scripts/train_tiny.py --family sd2 --threads 1     # a UNet on the shipped sd1 VAE
+    python scripts/train_tiny.py --quick --family sdxl --out /tmp/tiny_sdxl   # smoke run, a few steps
+
+Deterministic given ``--seed`` (and the thread count). Run from the repository root with the package
+importable (``pip install -e .[train]``, or ``PYTHONPATH=.``); needs scikit-image, scikit-learn and
+matplotlib for the images.
 """
 
 from __future__ import annotations
@@ -31,88 +42,88 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import skimage
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tokenizers import Regex as TokRegex
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from nti_lightning.models import tiny
 
-SKIMAGE_DATA = Path(skimage.__file__).resolve().parent / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_data as td  # noqa: E402
+
 SAMPLES_DIR = tiny.TINY_DIR.parent / "samples"
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: scikit-image photographs, all public domain or CC0 (see skimage.data docstrings)
+# Captions of the training images (files in tiny_data.TRAIN_PHOTOS) and of the procedural scenes
 # ---------------------------------------------------------------------------------------------------------
 
-TRAIN_IMAGES: dict[str, list[str]] = {
-    "rocket.jpg": [  # SpaceX launch of DSCOVR, public domain
+CAPTIONS: dict[str, list[str]] = {
+    "rocket.jpg": [
         "a photo of a rocket",
         "a rocket launching into the sky",
         "a white rocket lifting off with smoke",
         "a space rocket at the launch pad",
     ],
-    "hubble_deep_field.jpg": [  # NASA Hubble eXtreme Deep Field, public domain
+    "hubble_deep_field.jpg": [
         "a photo of galaxies in deep space",
         "the night sky full of tiny galaxies",
         "a telescope image of distant stars and galaxies",
     ],
-    "retina.jpg": [  # fundus photograph by Mikael Häggström, CC0
+    "retina.jpg": [
         "a photo of a retina",
         "an orange fundus photograph of an eye",
         "the back of an eye with red blood vessels",
     ],
-    "camera.png": [  # "camera" by Lav Varshney, CC0
+    "ihc.png": [
+        "a microscope image of stained tissue",
+        "brown and blue cells under a microscope",
+    ],
+    "color.png": ["a colour wheel", "a circle with all the colors of the rainbow"],
+    "logo.png": ["a colorful logo on a white background", "a green and blue snake logo"],
+    "grace_hopper.jpg": [
+        "a portrait of a woman in uniform",
+        "an old photo of a woman with medals",
+        "a woman in a dark uniform in front of a flag",
+    ],
+    "Minduka_Present_Blue_Pack.png": ["a blue present with a bow", "a gift box on a white background"],
+    "camera.png": [
         "a black and white photo of a man with a camera",
         "a photographer standing behind a camera on a tripod",
         "a man in a coat taking a picture in a park",
     ],
-    "grass.png": [  # CC0 (DeviantArt, linolafett)
-        "a black and white photo of grass",
-        "long blades of grass",
-        "a close up of a lawn",
-    ],
-    "gravel.png": [  # CC0 (cc0textures.com)
-        "a black and white photo of gravel",
-        "small stones and pebbles on the ground",
-    ],
-    "brick.png": [  # CC0 (cc0textures.com)
-        "a photo of a brick wall",
-        "an old grey brick wall",
-    ],
-    "cell.png": [  # quantitative phase image by Paul Müller, CC0
+    "grass.png": ["a photo of grass", "long blades of grass", "a close up of a lawn"],
+    "gravel.png": ["a photo of gravel", "small stones and pebbles on the ground"],
+    "brick.png": ["a photo of a brick wall", "an old brick wall"],
+    "cell.png": [
         "a microscope image of a cell",
         "a round cell floating in water",
-        "a grey cell with stripes in the background",
+        "a cell with stripes in the background",
     ],
-    "clock_motion.png": [  # by Stefan van der Walt, public domain
-        "a blurry photo of a clock",
-        "a wall clock with motion blur",
-    ],
-    "text.png": [  # Wikipedia "Corner.png", public domain
-        "handwritten equations on a sheet of paper",
-        "a black and white photo of handwriting",
-    ],
-    "horse.png": [  # openclipart, Andreas Preuss, CC0
-        "a black silhouette of a horse",
-        "a horse on a white background",
-    ],
+    "clock_motion.png": ["a blurry photo of a clock", "a wall clock with motion blur"],
+    "text.png": ["handwritten equations on a sheet of paper", "a photo of handwriting"],
+    "horse.png": ["a silhouette of a horse", "a horse on a white background"],
+    "coins.png": ["a photo of old coins", "ancient coins on a table"],
 }
+SCENE_CAPTIONS = [
+    "colorful shapes on a background",
+    "an abstract painting with bright colors",
+    "a drawing of circles and squares",
+    "a colorful pattern",
+]
+assert set(CAPTIONS) == {name for _, name, *_ in td.TRAIN_PHOTOS}
 
-# Demo photographs, held out of training: (source file, shipped name, caption)
-DEMO_SAMPLES: list[tuple[str, str, str]] = [
-    ("chelsea.png", "cat.png", "a photo of a cat"),  # Chelsea the cat, Stefan van der Walt, CC0
-    ("coffee.png", "coffee.png", "a cup of coffee on a table"),  # Rachel Michetti, CC0
-    ("astronaut.png", "astronaut.png", "a photo of an astronaut"),  # NASA, public domain
+# Demo photographs, held out of training: (source folder, file, shipped name, caption)
+DEMO_SAMPLES: list[tuple[Path, str, str, str]] = [
+    (folder, name, shipped, prompt) for folder, name, shipped, prompt in td.EVAL_PHOTOS if shipped is not None
 ]
 
 # Common English words for the BPE corpus, so that everyday prompt words become single tokens while rare
@@ -146,39 +157,6 @@ on top side front back left right middle center inside outside around between
 """.split()
 
 
-def load_photo(name: str) -> Image.Image:
-    """An RGB PIL image from scikit-image's data folder (grey images replicated, alpha over white)."""
-    image = Image.open(SKIMAGE_DATA / name)
-    if image.mode == "RGBA":
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, image)
-    return image.convert("RGB")
-
-
-def centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """Square centre crop resized with Pillow's default (bicubic), as the authors prepare images."""
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB → (3, H, W) in [-1, 1] (x / 127.5 − 1)."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-
-def random_view(image: Image.Image, size: int, rng: np.random.Generator, min_frac: float) -> torch.Tensor:
-    """A random square crop (side ∈ [min_frac, 1] × short side), resized to ``size``, maybe flipped."""
-    w, h = image.size
-    side = int(min(w, h) * rng.uniform(min_frac, 1.0))
-    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-    view = image.crop((left, top, left + side, top + side)).resize((size, size))
-    if rng.random() < 0.5:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(view)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 1. Tokenizer
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +186,7 @@ def train_tokenizer(folder: Path) -> None:
     corpus = []
     for rank, word in enumerate(COMMON_WORDS):  # earlier (more common) words weigh more
         corpus += [word] * (40 - rank // 25)
-    captions = [c for cs in TRAIN_IMAGES.values() for c in cs] + [c for _, _, c in DEMO_SAMPLES]
+    captions = [c for cs in CAPTIONS.values() for c in cs] + SCENE_CAPTIONS + [c for *_, c in DEMO_SAMPLES]
     corpus += captions * 2
 
     bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
@@ -265,7 +243,7 @@ def train_tokenizer(folder: Path) -> None:
 @dataclass
 class TrainSettings:
     seed: int = 0
-    vae_steps: int = 600
+    vae_steps: int = 1400
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional; small crops are 4× cheaper than 128 px
     vae_lr: float = 2e-3
@@ -276,14 +254,17 @@ class TrainSettings:
     caption_dropout: float = 0.1
 
 
+QUICK = dict(vae_steps=5, bank_size=32, unet_steps=5)
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(vae, photos: list[Image.Image], cfg: TrainSettings, rng: np.random.Generator) -> None:
-    """Autoencoder training on random crops: L1 + MSE of ``decode(mean(encode(x)))`` against ``x``.
+def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
+    """Autoencoder training on random colour crops: L1 + MSE of ``decode(mean(encode(x)))`` against ``x``.
 
     The posterior's log-variance rows of ``quant_conv`` are pinned to −30 (the value diffusers clamps to),
     so ``latent_dist.sample()`` equals ``latent_dist.mean`` to ~3e-7: a deterministic encoder.
@@ -292,15 +273,11 @@ def train_vae(vae, photos: list[Image.Image], cfg: TrainSettings, rng: np.random
         lc = vae.config.latent_channels
         vae.quant_conv.weight[lc:].zero_()
         vae.quant_conv.bias[lc:].fill_(-30.0)
-    params = [p for n, p in vae.named_parameters()]
+    params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(cfg.vae_steps):
-        x = torch.stack(
-            [random_view(photos[rng.integers(len(photos))], cfg.vae_crop, rng, 0.15) for _ in range(cfg.vae_batch)]
-        )  # (B, 3, 64, 64)
-        if rng.random() < 0.5:  # colour augmentation: most training photos are grey
-            x = x[:, torch.from_numpy(rng.permutation(3))]
+        x = bank.batch(cfg.vae_batch, cfg.vae_crop)  # (B, 3, 64, 64)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
@@ -336,45 +313,86 @@ def rescale_latent_space(vae, views: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. UNet
+# 3. UNet: one trainer for the three families
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """ψ(P): the text encoder's last hidden state for prompts padded and truncated to 77 tokens."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids  # (N, 77)
-    return text_encoder(ids)[0]  # (N, 77, D)
+class TextConditioner:
+    """A family's text conditioning: the UNet's ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``.
+
+    sd1 / sd2: ψ(P) = the text encoder's last hidden state (77, D), as StableDiffusionPipeline.
+    sdxl: the penultimate hidden states of both encoders concatenated (77, 2D), the pooled, projected
+    ``text_embeds`` of ``text_encoder_2``, and ``time_ids`` = (original h, w, crop top, left, target h, w),
+    as StableDiffusionXLPipeline.
+    """
+
+    def __init__(self, family: str, tokenizer, text_encoder, text_encoder_2=None):
+        self.family, self.tokenizer, self.te, self.te2 = family, tokenizer, text_encoder, text_encoder_2
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids  # (N, 77)
+        if self.family != "sdxl":
+            return self.te(ids)[0], None  # (N, 77, D)
+        h1 = self.te(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = self.te2(ids, output_hidden_states=True)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2.text_embeds  # (N, 77, 2D), (N, D)
+
+    @staticmethod
+    def time_ids(n: int, original: int = tiny.IMAGE_SIZE) -> torch.Tensor:
+        s = tiny.IMAGE_SIZE
+        return torch.tensor([[original, original, 0, 0, s, s]] * n, dtype=torch.float32)
+
+
+def unet_forward(unet, family: str, z, t, context, pooled=None, time_ids=None):
+    if family != "sdxl":
+        return unet(z, t, context).sample
+    return unet(z, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 def train_unet(
     unet,
+    family: str,
     latents: torch.Tensor,
     caption_ids: list[list[int]],
-    text_emb: torch.Tensor,
+    text: tuple[torch.Tensor, torch.Tensor | None],
     null_index: int,
     alphas_cumprod: torch.Tensor,
     cfg: TrainSettings,
     rng: np.random.Generator,
+    original_sizes: torch.Tensor | None = None,
 ) -> None:
-    """ε-prediction (Ho et al. 2020, eq. 14) with SD1.x's betas and caption dropout to "" (Ho & Salimans)."""
+    """Denoiser training with SD's betas and caption dropout to "" (Ho & Salimans): the loss is the MSE to ε
+    (sd1, sdxl; Ho et al. 2020, eq. 14) or to v = √ᾱ ε − √(1 − ᾱ) z₀ (sd2, Salimans & Ho 2022)."""
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed)
+    text_emb, pooled_emb = text
     unet.train()
     for step in range(cfg.unet_steps):
         idx = rng.integers(0, len(latents), cfg.unet_batch)
         z0 = latents[idx]  # (B, 4, 16, 16)
         cap = [null_index if rng.random() < cfg.caption_dropout else int(rng.choice(caption_ids[i])) for i in idx]
         context = text_emb[cap]  # (B, 77, D)
+        pooled = pooled_emb[cap] if pooled_emb is not None else None
+        time_ids = None
+        if family == "sdxl":
+            time_ids = TextConditioner.time_ids(len(idx))
+            if original_sizes is not None:
+                time_ids[:, :2] = original_sizes[idx, None].float()
         t = torch.randint(0, len(alphas_cumprod), (cfg.unet_batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(z_t | z_0)
+        target = a.sqrt() * noise - (1 - a).sqrt() * z0 if family == "sd2" else noise
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.unet_steps, cfg.unet_lr)
-        loss = F.mse_loss(unet(zt, t, context).sample, noise)
+        loss = F.mse_loss(unet_forward(unet, family, zt, t, context, pooled, time_ids), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -389,47 +407,50 @@ def train_unet(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images in [-1, 1], measured on [0, 1]."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 @torch.no_grad()
-def check_inversion(pipe: StableDiffusionPipeline, num_steps: int = 50, guidance: float = 7.5) -> list[dict]:
+def check_inversion(pipe, family: str, num_steps: int = 50, guidance: float = 7.5) -> list[dict]:
     """PSNR against the VAE round trip of DDIM inversion (w = 1) then sampling with w = 1 and w = guidance."""
     sched = pipe.scheduler
     sched.set_timesteps(num_steps)
     ac = sched.alphas_cumprod
     step = sched.config.num_train_timesteps // num_steps
+    v_pred = sched.config.prediction_type == "v_prediction"
+    cond_text = TextConditioner(family, pipe.tokenizer, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
 
     def alpha(t: int) -> torch.Tensor:
         return ac[t] if t >= 0 else sched.final_alpha_cumprod
+
+    def eps_of(z, t, ctx, pooled):
+        n = len(z)
+        out = unet_forward(
+            pipe.unet, family, z, t, ctx, pooled, TextConditioner.time_ids(n) if pooled is not None else None
+        )
+        return alpha(t).sqrt() * out + (1 - alpha(t)).sqrt() * z if v_pred else out  # v → ε
 
     def transition(z, eps, a_from, a_to):  # DDIM, eq. 12 with η = 0
         return a_to.sqrt() * (z - (1 - a_from).sqrt() * eps) / a_from.sqrt() + (1 - a_to).sqrt() * eps
 
     rows = []
     for name, prompt in read_captions():
-        x = to_tensor(Image.open(SAMPLES_DIR / name).convert("RGB").resize((tiny.IMAGE_SIZE,) * 2))[None]
+        x = td.to_tensor(Image.open(SAMPLES_DIR / name).convert("RGB").resize((tiny.IMAGE_SIZE,) * 2))[None]
         sf = pipe.vae.config.scaling_factor
         z0 = pipe.vae.encode(x).latent_dist.mean * sf  # (1, 4, 16, 16)
         round_trip = pipe.vae.decode(z0 / sf).sample
-        cond = encode_text(pipe.tokenizer, pipe.text_encoder, [prompt])
-        uncond = encode_text(pipe.tokenizer, pipe.text_encoder, [""])
+        (cond, pc), (uncond, pu) = cond_text.encode([prompt]), cond_text.encode([""])
         z = z0
         for t in reversed(sched.timesteps.tolist()):  # 1, 21, …, 981
-            z = transition(z, pipe.unet(z, t, cond).sample, alpha(t - step), alpha(t))
-        row = {"image": name, "vae_vs_input": psnr(round_trip, x)}
+            z = transition(z, eps_of(z, t, cond, pc), alpha(t - step), alpha(t))
+        row = {"image": name, "vae_vs_input": td.psnr(round_trip, x)}
+        both = torch.cat([uncond, cond])
+        both_pooled = torch.cat([pu, pc]) if pc is not None else None
         for w in (1.0, guidance):
             zs = z
             for t in sched.timesteps.tolist():  # 981, …, 1
-                eps_u, eps_c = pipe.unet(torch.cat([zs, zs]), t, torch.cat([uncond, cond])).sample.chunk(2)
-                eps = eps_u + w * (eps_c - eps_u)
-                zs = transition(zs, eps, alpha(t), alpha(t - step))
-            row[f"w={w:g}"] = psnr(pipe.vae.decode(zs / sf).sample, round_trip)
+                eps_u, eps_c = eps_of(torch.cat([zs, zs]), t, both, both_pooled).chunk(2)
+                zs = transition(zs, eps_u + w * (eps_c - eps_u), alpha(t), alpha(t - step))
+            row[f"w={w:g}"] = td.psnr(pipe.vae.decode(zs / sf).sample, round_trip)
         rows.append(row)
-        print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else str(v) for k, v in row.items()))
+        print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
     return rows
 
 
@@ -442,8 +463,8 @@ def write_samples() -> None:
     """Demo photographs as 256×256 centre crops and ``captions.jsonl``."""
     SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
     lines = []
-    for source, name, prompt in DEMO_SAMPLES:
-        centre_crop(load_photo(source), 256).save(SAMPLES_DIR / name, optimize=True)
+    for folder, source, name, prompt in DEMO_SAMPLES:
+        td.centre_crop(td.load_rgb(folder, source), 256).save(SAMPLES_DIR / name, optimize=True)
         lines.append(json.dumps({"image": name, "prompt": prompt}))
     (SAMPLES_DIR / "captions.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -453,84 +474,178 @@ def read_captions() -> list[tuple[str, str]]:
     return [(r["image"], r["prompt"]) for r in map(json.loads, filter(None, lines))]
 
 
+def build_bank_views(
+    bank: td.ImageBank, n: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """n random 128 px views for the UNet: → (views, caption group per view, original crop side per view).
+
+    Caption group k < len(CAPTIONS) is photograph k; the last group is the procedural scenes."""
+    views, groups, sides = [], [], []
+    for _ in range(n):
+        views.append(bank.view(tiny.IMAGE_SIZE, min_frac=0.35))
+        groups.append(bank.last_source if bank.last_source >= 0 else len(CAPTIONS))
+        sides.append(bank.last_side)
+    return torch.stack(views), groups, torch.tensor(sides)
+
+
+def save_folder(pipe, out: Path) -> None:
+    """save_pretrained into ``out``, keeping README.md / LICENSE already there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for entry in sorted(Path(tmp).rglob("*")):
+            target = out / entry.relative_to(tmp)
+            if entry.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(entry, target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=tiny.TINY_DIR, help="diffusers folder to write")
+    parser.add_argument("--family", choices=tiny.FAMILIES, default="sd1")
+    parser.add_argument("--out", type=Path, help="diffusers folder to write (default: the family's shipped folder)")
+    parser.add_argument(
+        "--base", type=Path, default=tiny.TINY_DIR, help="sd2/sdxl: the sd1 folder whose tokenizer and VAE to reuse"
+    )
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument("--vae-steps", type=int)
+    parser.add_argument("--unet-steps", type=int)
     args = parser.parse_args()
-    cfg = TrainSettings()
+    family = args.family
+    out = (args.out or tiny.FAMILY_DIR[family]).resolve()
+    cfg = TrainSettings(seed=args.seed)
     if args.quick:
-        if args.out.resolve() == tiny.TINY_DIR:
-            parser.error("--quick needs --out elsewhere than the shipped model folder")
-        cfg = TrainSettings(vae_steps=5, bank_size=32, unet_steps=5)
+        if out in tiny.FAMILY_DIR.values():
+            parser.error("--quick needs --out elsewhere than a shipped model folder")
+        cfg = replace(cfg, **QUICK)
+    if args.vae_steps is not None:
+        cfg = replace(cfg, vae_steps=args.vae_steps)
+    if args.unet_steps is not None:
+        cfg = replace(cfg, unet_steps=args.unet_steps)
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     start = time.time()
+    timings = {}
 
-    # 1. Tokenizer files, and the seeded random components built on them
-    print("1. tokenizer", flush=True)
-    tok_dir = args.out / "tokenizer"
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    train_tokenizer(tok_dir)
+    # 1. Tokenizer (sd1) or the base folder's; the seeded random components built on it
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "sd1":
+        print("1. tokenizer", flush=True)
+        tok_dir = out / "tokenizer"
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        train_tokenizer(tok_dir)
+    else:
+        tok_dir = args.base / "tokenizer"
+        print(f"1. tokenizer and VAE from {args.base}", flush=True)
     tokenizer = tiny.build_tokenizer(tok_dir)
-    components = tiny.build_random_components(cfg.seed, tokenizer=tokenizer)
+    vae = None
+    if family != "sd1":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.base / "vae", torch_dtype=torch.float32).eval()
+    components = tiny.build_random_family_components(family, cfg.seed, tokenizer=tokenizer, vae=vae)
     vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
     text_encoder.requires_grad_(False)
-    write_samples()
+    if components.get("text_encoder_2") is not None:
+        components["text_encoder_2"].requires_grad_(False)
+    if family == "sd1":  # the wider colour VAE (tiny.VAE_TRAIN_CONFIG), seeded as build_random_components does
+        from diffusers import AutoencoderKL
 
-    # 2. VAE: autoencoder, then exact rescaling of the latent space
-    print("2. vae", flush=True)
-    photos = [load_photo(name) for name in TRAIN_IMAGES]
-    train_vae(vae, photos, cfg, rng)
-    owner = rng.integers(0, len(photos), cfg.bank_size)
-    views = torch.stack([random_view(photos[i], tiny.IMAGE_SIZE, rng, 0.35) for i in owner])  # (N, 3, 128, 128)
-    s = rescale_latent_space(vae, views)
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed + 1)
+        vae = AutoencoderKL(**tiny.VAE_TRAIN_CONFIG).eval()
+        torch.random.set_rng_state(rng_state)
+    vae.requires_grad_(family == "sd1")
+    bank = td.ImageBank(rng)
+
+    # 2. VAE (sd1 only): autoencoder, then exact rescaling of the latent space
+    s = None
+    if family == "sd1":
+        if not args.quick and out == tiny.TINY_DIR:
+            write_samples()
+        print(f"2. vae ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters)", flush=True)
+        train_vae(vae, bank, cfg)
+        vae.requires_grad_(False)
+    views, groups, sides = build_bank_views(bank, cfg.bank_size, rng)  # (N, 3, 128, 128)
+    if family == "sd1":
+        s = rescale_latent_space(vae, views)
     with torch.no_grad():
         sf = vae.config.scaling_factor
         latents = torch.cat([vae.encode(b).latent_dist.mean for b in views.split(64)]) * sf  # (N, 4, 16, 16)
-    print(f"  folded scale {s:.4f}; scaled latents mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
+    print(
+        f"  scaled latents mean {latents.mean():.3f} std {latents.std():.3f}"
+        + (f"; folded scale {s:.4f}" if s else ""),
+        flush=True,
+    )
+    timings["vae_minutes"] = round((time.time() - start) / 60, 2)
 
     # 3. UNet on the latents, with caption dropout
-    print("3. unet", flush=True)
-    captions = [c for cs in TRAIN_IMAGES.values() for c in cs]
-    text_emb = encode_text(tokenizer, text_encoder, captions + [""])  # (K + 1, 77, D)
-    first = np.cumsum([0] + [len(cs) for cs in TRAIN_IMAGES.values()])
-    caption_ids = [list(range(first[i], first[i + 1])) for i in owner]
+    print(f"3. unet ({family}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters)", flush=True)
+    groups_captions = list(CAPTIONS.values()) + [SCENE_CAPTIONS]
+    captions = [c for cs in groups_captions for c in cs]
+    cond = TextConditioner(family, tokenizer, text_encoder, components.get("text_encoder_2"))
+    text = cond.encode(captions + [""])  # (K + 1, 77, D) [, (K + 1, D)]
+    first = np.cumsum([0] + [len(cs) for cs in groups_captions])
+    caption_ids = [list(range(first[g], first[g + 1])) for g in groups]
     scheduler = components["scheduler"]
-    train_unet(unet, latents, caption_ids, text_emb, len(captions), scheduler.alphas_cumprod, cfg, rng)
+    t_unet = time.time()
+    train_unet(unet, family, latents, caption_ids, text, len(captions), scheduler.alphas_cumprod, cfg, rng, sides)
+    timings["unet_minutes"] = round((time.time() - t_unet) / 60, 2)
     train_minutes = (time.time() - start) / 60
+    timings["train_minutes"] = round(train_minutes, 2)
     print(f"  trained in {train_minutes:.1f} min", flush=True)
 
     # 4. Save as a standard diffusers folder: UNet and VAE in fp16 (diffusers loads them as fp32),
-    #    text encoder in fp32 (transformers keeps the stored dtype)
-    pipe = StableDiffusionPipeline(
-        vae=vae.half(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet.half(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    with tempfile.TemporaryDirectory() as tmp:  # keep README.md / LICENSE beside the components
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for entry in sorted(Path(tmp).rglob("*")):  # tokenizer/ keeps its vocab.json and merges.txt
-            target = args.out / entry.relative_to(tmp)
-            if entry.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                shutil.copyfile(entry, target)
+    #    text encoders in fp32 (transformers keeps the stored dtype)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    # 5. Check on the held-out demo samples, with the weights as shipped
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae.half(),
+            text_encoder=text_encoder,
+            text_encoder_2=components["text_encoder_2"],
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet.half(),
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae.half(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet.half(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    save_folder(pipe, out)
+
+    # 5. Check on the held-out demo samples, with the weights as saved
     print("5. check (PSNR vs VAE round trip, dB)", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    loaded = StableDiffusionPipeline.from_pretrained(args.out, safety_checker=None, requires_safety_checker=False)
-    rows = check_inversion(loaded)
-    report = {"train_minutes": round(train_minutes, 2), "settings": vars(cfg), "latent_scale_folded": s, "check": rows}
+    if family == "sdxl":
+        loaded = StableDiffusionXLPipeline.from_pretrained(out, add_watermarker=False)
+    else:
+        loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    rows = check_inversion(loaded, family)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    report = {
+        "family": family,
+        **timings,
+        "folder_mib": round(size / 2**20, 2),
+        "settings": vars(cfg),
+        "latent_scale_folded": s,
+        "check": rows,
+    }
     print(json.dumps(report, indent=1))
 
 

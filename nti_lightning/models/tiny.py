@@ -13,6 +13,13 @@ Diffusion v1.4 (Mokady et al. 2023 use it for Null-text Inversion) run unchanged
 
 ``assets/tiny/`` holds these components with weights trained by ``scripts/train_tiny.py`` (see the README
 there); ``build_random_components`` gives the same architecture with seeded random weights for fast tests.
+
+The same script trains two more tiny families on the same VAE and tokenizer (``--family sd2|sdxl``), whose
+layouts are here too: ``SD2_UNET_CONFIG`` / ``SD2_SCHEDULER_CONFIG`` (SD2.x: linear-projection transformers,
+``attention_head_dim`` per block, v-prediction) and ``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the
+second with a projection, ``addition_embed_type="text_time"`` conditioning on pooled text and
+``add_time_ids``); ``build_random_family_components`` builds them. They are written to
+``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 """The shipped diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+TINY_SD2_DIR: Path = TINY_DIR.parent / "tiny_sd2"
+"""Where ``train_tiny.py --family sd2`` writes the SD2-v-shaped tiny model (a StableDiffusionPipeline folder)."""
+TINY_SDXL_DIR: Path = TINY_DIR.parent / "tiny_sdxl"
+"""Where ``train_tiny.py --family sdxl`` writes the SDXL-shaped tiny model (a StableDiffusionXLPipeline folder)."""
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 # ---------------------------------------------------------------------------------------------------------
 # Component configurations
@@ -66,6 +78,36 @@ UNET_CONFIG: dict[str, Any] = {
     "freq_shift": 0,
 }
 
+SD2_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "attention_head_dim": (2, 4, 8, 8),  # SD2.x gives one value per block ((5, 10, 20, 20)): 8 channels a head
+    "use_linear_projection": True,  # SD2.x's transformers project in/out with Linear instead of 1×1 Conv
+    "upcast_attention": False,
+}
+
+SDXL_TIME_EMBED_DIM = 8  # SDXL: 256 per add_time_ids entry
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE // VAE_SCALE_FACTOR,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # SDXL's three levels
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": (1, 1, 2),  # SDXL: (1, 2, 10)
+    "norm_num_groups": 32,
+    "cross_attention_dim": 2 * TEXT_HIDDEN_SIZE,  # both encoders' hidden states concatenated (768 + 1280 in SDXL)
+    "attention_head_dim": (2, 4, 8),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    # pooled text_embeds of text_encoder_2 + 6 add_time_ids (original size, crop top-left, target size)
+    "projection_class_embeddings_input_dim": TEXT_HIDDEN_SIZE + 6 * SDXL_TIME_EMBED_DIM,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -78,6 +120,10 @@ VAE_CONFIG: dict[str, Any] = {
     "sample_size": IMAGE_SIZE,
     "scaling_factor": 0.18215,  # SD1.x's value; the trained latent space is rescaled so that this holds
 }
+
+VAE_TRAIN_CONFIG: dict[str, Any] = {**VAE_CONFIG, "block_out_channels": (16, 32, 64, 64)}
+"""The wider colour VAE ``scripts/train_tiny.py`` trains (issue #15; 0.98 M parameters, ~2 MB in fp16). Not
+shipped yet: ``assets/tiny`` still holds the ``VAE_CONFIG`` one until a retrained model passes the checks."""
 
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
@@ -102,6 +148,29 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+
+SD2_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+"""SD2.x (768-v): the same scaled-linear betas, the UNet predicts v = √ᾱ ε − √(1 − ᾱ) x₀."""
+
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "timestep_spacing": "leading"}
+
+TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": TEXT_HIDDEN_SIZE,
+    "intermediate_size": 4 * TEXT_HIDDEN_SIZE,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_TEXT_LENGTH,
+    "hidden_act": "gelu",  # OpenCLIP bigG, as SDXL's second encoder
+    "projection_dim": TEXT_HIDDEN_SIZE,
+    "bos_token_id": BOS_TOKEN_ID,
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": EOS_TOKEN_ID,
+}
+
+FAMILY_UNET_CONFIG = {"sd1": UNET_CONFIG, "sd2": SD2_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
+FAMILY_SCHEDULER_CONFIG = {"sd1": SCHEDULER_CONFIG, "sd2": SD2_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG}
+FAMILY_DIR = {"sd1": TINY_DIR, "sd2": TINY_SD2_DIR, "sdxl": TINY_SDXL_DIR}
 
 # ---------------------------------------------------------------------------------------------------------
 # Builders
@@ -166,3 +235,37 @@ def build_random_components(seed: int = 0, tokenizer: CLIPTokenizer | None = Non
         "tokenizer": tokenizer if tokenizer is not None else build_tokenizer(),
         "scheduler": build_scheduler(),
     }
+
+
+def build_random_family_components(
+    family: str, seed: int = 0, tokenizer: CLIPTokenizer | None = None, vae: AutoencoderKL | None = None
+) -> dict[str, Any]:
+    """Seeded random components of one tiny family ("sd1", "sd2", "sdxl"), with an optional shared VAE.
+
+    sd1 and sd2 give ``StableDiffusionPipeline`` components; sdxl gives ``StableDiffusionXLPipeline``'s
+    (``text_encoder`` = CLIPTextModel, ``text_encoder_2`` = CLIPTextModelWithProjection, both tokenizers the
+    shipped one). For sd1 this equals ``build_random_components`` except for a passed-in ``vae``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    from diffusers import DDIMScheduler as _DDIM
+    from transformers import CLIPTextModelWithProjection
+
+    base = build_random_components(seed, tokenizer=tokenizer)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**copy.deepcopy(FAMILY_UNET_CONFIG[family]))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)) if family == "sdxl" else None
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    out = {**base, "unet": unet.eval(), "scheduler": _DDIM(**FAMILY_SCHEDULER_CONFIG[family])}
+    if vae is not None:
+        out["vae"] = vae
+    if family == "sdxl":
+        out["text_encoder_2"] = text_encoder_2.eval()
+        out["tokenizer_2"] = out["tokenizer"]
+    return out
