@@ -373,15 +373,12 @@ class SlotEngine:
             [bank.trajectory[s, r.index] if r.kind is Kind.PIVOT else bank.z_bar[s] for s, r in zip(call, reqs)]
         )
         t = torch.tensor(self._timesteps(reqs), device=dev)
+        # ADVANCE rows take their ∅_t, the others ψ(P): one gather each, then a row-wise choice
+        slots_t = torch.tensor(call, device=dev)
+        null = bank.null_rows(slots_t, torch.tensor([r.index for r in reqs], device=dev))
+        advance = torch.tensor([r.kind is Kind.ADVANCE for r in reqs], device=dev)
         cond = {
-            k: torch.stack(
-                [
-                    bank.null_rows(torch.tensor([s]), torch.tensor([r.index]))[k][0]
-                    if r.kind is Kind.ADVANCE
-                    else bank.cond(k)[s]
-                    for s, r in zip(call, reqs)
-                ]
-            )
+            k: torch.where(advance.view(-1, *[1] * (null[k].dim() - 1)), null[k], bank.cond(k)[slots_t])
             for k in bank.keys
         }
         out = self.denoise(z, t, cond)[:n]  # (n, C, h, w)

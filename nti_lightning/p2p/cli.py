@@ -1,19 +1,5 @@
-"""``nti edit``: Prompt-to-Prompt edits of inversions, one from the command line or many from a JSONL file.
-
-  nti edit INVERSION --target "..." [--mode replace|refine|reweight] [--blend WORD ...]
-           [--reweight WORD=SCALE ...] [--cross-replace 0.8 [WORD=FRACTION ...]] [--self-replace 0.4]
-           [--attention] [--output DIR]
-  nti edit OUTPUT_DIR --edits EDITS.jsonl [--batch-size 4] [--attention] [--results FILE]
-
-Batch form: each line of EDITS.jsonl is one edit of an image of an ``nti invert`` output folder,
-  {"image_id": "cat", "target": "a dog sitting next to a mirror", "mode": "replace", "blend": ["cat", "dog"],
-   "reweight": {"dog": 2}, "cross_replace": 0.8, "self_replace": 0.4, "guidance_scale": 7.5}
-(``"inversion": "path/to/inversion.safetensors"`` instead of ``image_id``; only ``target`` is required). Edits
-of one image are sampled together, up to --batch-size per pass. Each edit gets
-OUTPUT_DIR/<image_id>/edits/<line>_<target>{,_strip,_attention}.png (OUTPUT_DIR/ab/<image_id>/edits/... for a folder
-written with ``output.subdirs=true``: ids are looked up in its manifests) and a line in the results JSONL; a line
-that cannot be applied is recorded as failed with the reason and the others go on.
-"""
+"""``nti edit``: running Prompt-to-Prompt edits of inversions (the usage, shown by ``nti edit --help``, is the
+docstring of ``nti_lightning.edit_args``, where the argument parser lives so that ``nti --help`` stays light)."""
 
 from __future__ import annotations
 
