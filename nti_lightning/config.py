@@ -116,7 +116,7 @@ CPU_BATCH_SIZE = 8
 
 
 def resolve_batch_size(batch_size: int | str, device=None) -> int:
-    """An int as is; "auto" → ``CPU_BATCH_SIZE`` on a CPU (a GPU's is probed by ``slots.probe_batch_size``)."""
+    """An int as is; "auto" → ``CPU_BATCH_SIZE`` on a CPU (a GPU's is probed by ``batch_probe.probe_batch_size``)."""
     if batch_size != "auto":
         return int(batch_size)
     return CPU_BATCH_SIZE

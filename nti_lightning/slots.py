@@ -15,7 +15,7 @@ own early stop; rows never interact (GroupNorm and attention are per sample). An
 goes non-finite fails alone: its slot is freed and refilled. With ``InversionConfig.batch_invariant`` every
 call is evaluated row by row, so each image's numbers are bit-identical to inverting it alone.
 
-``SlotBank`` is the Lightning module: its parameters are the null embeddings ∅_t of every slot and timestep
+``slot_bank.SlotBank`` is the Lightning module: its parameters are the null embeddings ∅_t of every slot and timestep
 (updated by ``RowAdam`` from gradients taken on the gathered rows, so one row's step touches one row), its
 buffers the per-slot tensors the steps read (pivot trajectory, z̄_t, the conditional branch, Adam moments).
 ``SlotEngine.state_dict()`` is the whole state: a run resumed from it continues bit for bit.
@@ -27,19 +27,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nti_lightning import __version__
 from nti_lightning.algorithm import Kind, Progress, Request, StepOutcome, null_text_inversion
 from nti_lightning.config import InversionConfig
 from nti_lightning.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
 from nti_lightning.inversion import Inversion, scheduler_identity
-from nti_lightning.models.family import Cond
-from nti_lightning.nulltext import DynamicLossScale, RowAdam, latent_mse
+from nti_lightning.nulltext import DynamicLossScale
 from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import encode_latents
+from nti_lightning.slot_bank import SlotBank
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs and events
@@ -75,73 +74,6 @@ class Tick:
     kind: str  # "grad" or "no_grad"
     rows: int  # real rows in the call (the rest padding)
     active: int  # images in slots
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The module: parameters and per-slot tensors
-# ---------------------------------------------------------------------------------------------------------
-
-
-class SlotBank(L.LightningModule):
-    """∅_t of every slot and timestep (the learnable parameters) and each slot's working tensors.
-
-    null_embeddings[k]: (S, T, *shape) for every optimised key k of the conditioning (SD1.x: prompt_embeds,
-    (S, T, 77, D)); index i ↔ timesteps[i]. Buffers: trajectory (S, T + 1, C, h, w) with [:, k] = z*_k;
-    z_bar (S, C, h, w) = z̄_t; cond_out (S, C, h, w) = the conditional prediction at z̄_t; cond_<key>
-    (S, …) = ψ(P); null_<key> (1, …) = the model's null; adam_m_<k>, adam_v_<k> (S, …); inner_steps (S, T);
-    final_loss (S, T)."""
-
-    def __init__(self, num_slots: int, num_steps: int, latent_shape: tuple, null: Cond, learnable: tuple) -> None:
-        super().__init__()
-        S, T = num_slots, num_steps
-        self.keys, self.learnable = tuple(null), tuple(learnable)
-        self.null_embeddings = nn.ParameterDict(
-            {k: nn.Parameter(torch.zeros(S, T, *null[k].shape[1:]), requires_grad=False) for k in learnable}
-        )
-        self.register_buffer("trajectory", torch.zeros(S, T + 1, *latent_shape))
-        self.register_buffer("z_bar", torch.zeros(S, *latent_shape))
-        self.register_buffer("cond_out", torch.zeros(S, *latent_shape))
-        for k, v in null.items():
-            self.register_buffer(f"cond_{k}", torch.zeros(S, *v.shape[1:]))
-            self.register_buffer(f"null_{k}", v[:1].detach().float().clone())
-        for k in learnable:
-            self.register_buffer(f"adam_m_{k}", torch.zeros(S, *null[k].shape[1:]))
-            self.register_buffer(f"adam_v_{k}", torch.zeros(S, *null[k].shape[1:]))
-        self.register_buffer("inner_steps", torch.zeros(S, T, dtype=torch.long))
-        self.register_buffer("final_loss", torch.full((S, T), float("nan")))
-        self.adam_steps = torch.zeros(S, dtype=torch.long)  # host side: Adam's bias correction is computed there
-
-    def cond(self, key: str) -> Tensor:
-        return getattr(self, f"cond_{key}")
-
-    def null(self, key: str) -> Tensor:
-        return getattr(self, f"null_{key}")
-
-    def adam(self, key: str) -> RowAdam:
-        return RowAdam(getattr(self, f"adam_m_{key}"), getattr(self, f"adam_v_{key}"), self.adam_steps)
-
-    def null_rows(self, slots: Tensor, steps: Tensor) -> Cond:
-        """The null conditioning ∅_t of rows (slot, step index): optimised keys from the parameters, the others
-        the model's null. → {key: (n, …)}"""
-        n = len(slots)
-        return {
-            k: self.null_embeddings[k][slots, steps]
-            if k in self.learnable
-            else self.null(k).expand(n, *self.null(k).shape[1:])
-            for k in self.keys
-        }
-
-    def training_step(self, batch: dict, batch_idx: int = 0) -> Tensor:
-        """Algorithm 1, line 9 for the rows of one grad call: per-row ‖z*_{t−1} − z_{t−1}(z̄_t, ∅_t, C)‖² → (n,).
-
-        batch: denoise, schedule, guidance_scale, z (n, C, h, w) = z̄_t, t (n,), null {key: (n, …)} (leaves with
-        grad for the optimised keys), cond_out (n, C, h, w), target (n, C, h, w) = z*_{t−1}."""
-        schedule = batch["schedule"]
-        out_uncond = batch["denoise"](batch["z"], batch["t"], batch["null"])  # (n, C, h, w)
-        guided = classifier_free_guidance(out_uncond, batch["cond_out"], batch["guidance_scale"])
-        alpha_t, alpha_prev = row_alphas(schedule, batch["t"])
-        z_prev = ddim_transition(batch["z"], guided, alpha_t, alpha_prev, schedule.prediction_type)
-        return latent_mse(z_prev, batch["target"])  # (n,)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,37 +454,3 @@ class SlotEngine:
     def tags(self) -> list[Any]:
         """The tags of the images in slots."""
         return [st.tag for st in self.slots if st is not None]
-
-
-def probe_batch_size(model, cfg: InversionConfig, runtime: Runtime, image_size: int, cap: int = 64) -> int:
-    """``inversion.batch_size=auto`` on a GPU: the largest power of two ≤ ``cap`` rows whose inner step (the
-    grad call, the largest) fits in 85% of the free memory. Peak memory is measured at 1 and 2 rows and
-    extrapolated linearly (activations grow with the rows, weights do not), then the choice is tried once;
-    an out-of-memory error halves it."""
-    device = model.device
-
-    def peak(rows: int) -> int:
-        engine = SlotEngine(model, cfg, rows, runtime, slots=rows, image_size=image_size)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for s in range(rows):
-            engine.slots[s] = _SlotState(s, "", Progress(), Request(Kind.INNER, 0, cfg.learning_rate))
-        engine._run_grad(list(range(rows)))
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-
-    free, _ = torch.cuda.mem_get_info(device)
-    one, two = peak(1), peak(2)
-    per_row, fixed = max(two - one, 1), max(2 * one - two, 0)
-    rows = 1
-    while rows * 2 <= cap and fixed + per_row * rows * 2 <= 0.85 * free:
-        rows *= 2
-    while rows > 1:
-        try:
-            peak(rows)
-            break
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows //= 2
-    return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from nti_lightning.api import image_size_for
+from nti_lightning.batch_probe import probe_batch_size
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
 from nti_lightning.dataset import SAMPLES_DIR, Item, iter_items, read_captions
 from nti_lightning.run import checkpoint as ckpt
@@ -47,7 +48,7 @@ from nti_lightning.run.outputs import (
 )
 from nti_lightning.run.signals import EXIT_PREEMPTED, Preempted, StopFlag, requeue_slurm_job
 from nti_lightning.runtime import Runtime
-from nti_lightning.slots import Admission, Failed, SlotEngine, Tick, probe_batch_size
+from nti_lightning.slots import Admission, Failed, SlotEngine, Tick
 from nti_lightning.text import PromptError, check_prompt
 
 
