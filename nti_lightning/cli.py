@@ -21,20 +21,20 @@ import argparse
 import os
 import sys
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG_ERROR = 2
-"""Bad configuration, an output folder made with other settings, or one locked by another run."""
-EXIT_SOME_FAILED = 3
-EXIT_ALL_FAILED = 4
-EXIT_PREEMPTED = 75
-"""SIGTERM/SIGUSR1: the state is saved; rerun the same command to resume (``run.EXIT_PREEMPTED``)."""
-EXIT_INTERRUPTED = 130
-"""Ctrl-C: the state is saved, as for a preemption."""
+from nti_lightning.exit_codes import (
+    EXIT_ALL_FAILED,
+    EXIT_CONFIG_ERROR,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_SOME_FAILED,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nti_lightning import __version__
+    from nti_lightning.edit_args import add_edit_subparser
 
     parser = argparse.ArgumentParser(prog="nti", description="Null-text Inversion and Prompt-to-Prompt editing")
     parser.add_argument("--version", action="version", version=f"nti_lightning {__version__}")
@@ -54,12 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="summarise done / failed / pending of an output folder")
     st.add_argument("output", help="the output folder of an `nti invert` run (its --output)")
 
-    try:
-        from nti_lightning.edit_args import add_edit_subparser
-    except ImportError:  # editing not available in this build
-        pass
-    else:
-        add_edit_subparser(sub)
+    add_edit_subparser(sub)
+    parser.commands = sub.choices  # name → its parser: errors in a command's arguments show that command's usage
     return parser
 
 
@@ -94,15 +90,18 @@ def cmd_invert(args) -> int:
     except RankFailedError as e:  # another rank launched by this process failed (this one finished)
         print(f"nti invert: {e}", file=sys.stderr)
         return 1
+    if summary.rank != 0:  # a rank launched by rank 0, which reports the whole run; its rows are in its log
+        return EXIT_PREEMPTED if summary.preempted else exit_status(summary, quiet=True)
     rows = summary.done + summary.failed
-    if rows:
+    if rows and args.quiet:  # without --quiet the rows were printed as the images finished
         print(format_header())
         for rec in rows:
             print(format_row(rec))
         if len(rows) < summary.n_done + summary.n_failed:
             print(f"(the first {len(rows)} rows; all of them are in the manifest, `nti status` lists the failures)")
+    before = f" ({summary.skipped_failed} of them failed before)" if summary.skipped_failed else ""
     print(
-        f"{summary.n_done} inverted, {summary.n_failed} failed, {summary.skipped} already done "
+        f"{summary.n_done} inverted, {summary.n_failed} failed, {summary.skipped} already done{before} "
         f"→ {summary.output}/manifest*.jsonl"
     )
     if summary.preempted or summary.interrupted:
@@ -112,17 +111,20 @@ def cmd_invert(args) -> int:
     return exit_status(summary)
 
 
-def exit_status(summary) -> int:
+def exit_status(summary, quiet: bool = False) -> int:
     """0 all done, 3 some failed, 4 all failed — counting images skipped as failed by earlier runs too."""
     failed = summary.n_failed + summary.skipped_failed
     ok = summary.n_done + summary.skipped - summary.skipped_failed
-    if failed == 0:
-        return EXIT_OK
+    if failed == 0 or quiet:
+        return EXIT_OK if failed == 0 else EXIT_SOME_FAILED if ok else EXIT_ALL_FAILED
     if ok == 0:
         print(f"every image failed ({failed}); `nti status {summary.output}` lists why", file=sys.stderr)
         return EXIT_ALL_FAILED
-    print(f"{failed} image(s) failed; `nti status {summary.output}` lists them, --retry-failed redoes them",
-          file=sys.stderr)
+    print(
+        f"{failed} image(s) failed; `nti status {summary.output}` lists them, --retry-failed redoes them (an "
+        "image whose prompt changed since it failed is retried anyway)",
+        file=sys.stderr,
+    )
     return EXIT_SOME_FAILED
 
 
@@ -143,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "invert":  # key=value overrides may come after the flags too
         bad = [e for e in extra if "=" not in e or e.startswith("-")]
         if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+            parser.commands["invert"].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("NTI_DEBUG") == "1"
     try:
         return dispatch(args)

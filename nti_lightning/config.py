@@ -249,23 +249,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Unknown keys, wrong types and failed ``__post_init__`` checks raise ``ConfigError`` naming the key.
     """
-    schema = OmegaConf.structured(base)
-    sources = []
+    merged = OmegaConf.structured(base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        merged = _merged(merged, lambda: OmegaConf.load(path), f" in {path}")
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        merged = _merged(merged, lambda: OmegaConf.from_dotlist(list(overrides)), " (a key=value override)")
+    return _merged(merged, None, "")
+
+
+def _merged(merged: Any, source, where: str) -> Any:
+    """``merged`` with ``source()`` merged in (or, without a source, the final typed object), an error blamed on
+    ``where`` it came from: the config file, or the command line's overrides."""
     try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            sources.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            sources.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(schema, *sources)
-        obj = OmegaConf.to_object(merged)
+        if source is None:
+            return OmegaConf.to_object(merged)
+        return OmegaConf.merge(merged, source())
     except (ConfigAttributeError, ConfigKeyError, ValidationError) as e:
-        where = f" in {path}" if path is not None else ""
         msg = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
         key = getattr(e, "full_key", None)
         raise ConfigError(f"invalid configuration{where}: {key + ': ' if key else ''}{msg}") from None
@@ -273,7 +278,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
-    return obj
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -50,6 +50,7 @@ class Item:
     prompt: str | None
     error: str | None = None  # set when the item is known bad before loading (duplicate id, caption problem)
     where: str | None = None  # "LIST:LINE" for an item read from a list file
+    captioned: bool = False  # its prompt came from the captions file
 
     @property
     def label(self) -> str:
@@ -163,6 +164,33 @@ def read_captions(path: str | os.PathLike) -> tuple[CaptionIndex, list[str]]:
         captions.close()
         raise
     return captions, warnings
+
+
+def caption_coverage(
+    path: str | os.PathLike,
+    captions: CaptionIndex,
+    n_images: int,
+    uncaptioned: int,
+    example: str | None,
+    default_prompt: str | None,
+) -> str | None:
+    """One warning when a captions file does not cover the images: it is empty, none of its keys matches an
+    image, or some images have no row (``uncaptioned`` of ``n_images``, ``example`` the first one's id)."""
+    fallback = f"data.default_prompt ({default_prompt!r})" if default_prompt is not None else "no prompt (they fail)"
+    if len(captions) == 0:
+        return f"captions file {path} has no usable rows; all {n_images} images get {fallback}"
+    if uncaptioned == 0:
+        return None
+    how = "captions match an image by its path relative to the input folder (with or without suffix), file name or id"
+    if uncaptioned == n_images:
+        key = next(iter(captions))
+        return (
+            f"none of the {len(captions)} captions in {path} matches any of the {n_images} images (caption "
+            f"{key!r}, image {example!r}): {how}; all get {fallback}"
+        )
+    return (
+        f"{uncaptioned} of {n_images} images have no caption in {path} (e.g. {example!r}; {how}); they get {fallback}"
+    )
 
 
 def _suffix(name: str) -> str:
@@ -299,7 +327,7 @@ def iter_items(
                     error = f"{at}duplicate image id {item_id!r}: also {first}; rename one"
                     yield Item(rel_path.replace("/", "__"), e.path, None, error, e.where)
                     continue
-                prompt, error = default_prompt, None
+                prompt, error, captioned = default_prompt, None, False
                 if e.prompt is not None and e.prompt != "":
                     prompt = e.prompt
                 elif captions is not None:
@@ -311,7 +339,7 @@ def iter_items(
                     if rows is not None:
                         if len(set(rows)) > 1:
                             error = f"{at}{len(rows)} different captions for {e.rel_path}; keep one row per image"
-                        prompt = rows[0]
-                yield Item(item_id, e.path, prompt, error, e.where)
+                        prompt, captioned = rows[0], True
+                yield Item(item_id, e.path, prompt, error, e.where, captioned)
     finally:
         seen.close()

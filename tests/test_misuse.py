@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nti_lightning.cli import EXIT_ALL_FAILED, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, main
+from nti_lightning.cli import EXIT_ALL_FAILED, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_SOME_FAILED, main
 from nti_lightning.run.files import HOST
 from nti_lightning.run.lock import OutputLock, OutputLockedError
 from nti_lightning.run.worker import Worker
@@ -63,7 +63,8 @@ def test_lock_from_another_host_is_respected_until_stale(tmp_path):
 
 def test_every_image_failed_exits_4(noise_dataset, model_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(_args(noise_dataset, out, model_dir, "inversion.guidance_scale=1e30")) in (EXIT_ALL_FAILED, 0)
+    assert main(_args(noise_dataset, out, model_dir, "inversion.guidance_scale=1e30")) == EXIT_ALL_FAILED  # non-finite
+    assert {r["status"] for r in _manifest(out)} == {"failed"}
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not an image")
@@ -130,3 +131,125 @@ def test_image_size_null_equals_the_size_it_resolves_to(noise_dataset, model_dir
     capsys.readouterr()
     assert main([*base, "inversion.image_size=null"]) == 0  # the same run: nothing redone
     assert f"0 inverted, 0 failed, {len(IDS)} already done" in capsys.readouterr().out
+
+
+def _copy_images(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in IDS:
+        (dst / f"{name}.png").write_bytes((src / f"{name}.png").read_bytes())
+    return dst
+
+
+def _captions(folder: Path, names) -> None:
+    rows = [json.dumps({"image": f"{n}.png", "prompt": f"a photo of {n}"}) for n in names]
+    (folder / "captions.jsonl").write_text("".join(r + "\n" for r in rows))
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_a_fixed_caption_retries_the_failed_image(noise_dataset, model_dir, tmp_path, capsys):
+    data, out = _copy_images(noise_dataset, tmp_path / "data"), tmp_path / "out"
+    _captions(data, IDS[:2])  # img2 has no caption and no default prompt: it fails
+    assert main(_args(data, out, model_dir)) == EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert err.count("warning: 1 of 3 images have no caption") == 1 and "'img2'" in err, err
+    assert [r["status"] for r in _manifest(out) if r["id"] == "img2"] == ["failed"]
+    # rerun unchanged: the failure is remembered, not redone, and the summary says so
+    assert main(_args(data, out, model_dir)) == EXIT_SOME_FAILED
+    res = capsys.readouterr()
+    assert "3 already done (1 of them failed before)" in res.out and "--retry-failed" in res.err
+    assert len(_manifest(out)) == 3
+    # the caption is fixed: that image alone is retried
+    _captions(data, IDS)
+    assert main(_args(data, out, model_dir)) == 0
+    assert "1 inverted, 0 failed, 2 already done" in capsys.readouterr().out
+    recs = _manifest(out)
+    assert sorted(r["id"] for r in recs) == ["img0", "img1", "img2", "img2"] and recs[-1]["id"] == "img2"
+    assert recs[-1]["status"] == "ok"
+    assert recs[-1]["prompt"] == "a photo of img2"
+
+
+def test_captions_that_match_no_image_warn_once_with_an_example(noise_dataset, model_dir, tmp_path, capsys):
+    data, out = _copy_images(noise_dataset, tmp_path / "data"), tmp_path / "out"
+    _captions(data, ["other"])
+    assert main(_args(data, out, model_dir, "data.default_prompt=a photo")) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert "none of the 1 captions" in err and "'other.png'" in err and "'img0'" in err
+    assert "all get data.default_prompt ('a photo')" in err
+    assert {r["prompt"] for r in _manifest(out)} == {"a photo"}
+
+
+def test_caption_coverage_messages():
+    from nti_lightning.dataset import CaptionIndex, caption_coverage
+
+    empty, two = CaptionIndex(), CaptionIndex()
+    two.add([("a.png", "x"), ("b.png", "y")])
+    assert "has no usable rows; all 5 images get no prompt (they fail)" in caption_coverage("c.jsonl", empty, 5, 5,
+                                                                                             "a", None)  # fmt: skip
+    assert caption_coverage("c.jsonl", two, 5, 0, None, None) is None
+    partial = caption_coverage("c.jsonl", two, 5, 3, "e", "p")
+    assert partial.startswith("3 of 5 images have no caption in c.jsonl (e.g. 'e'") and "('p')" in partial
+
+
+def test_ranks_whose_images_failed_still_completed(tmp_path):
+    from nti_lightning.config import load_config
+    from nti_lightning.run.launch import RankFailedError, merge_rank_summaries, settle_ranks
+    from nti_lightning.run.outputs import RunSummary
+    from nti_lightning.run.worker import summary_path
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    (tmp_path / "logs").mkdir()
+    mine = RunSummary(output=tmp_path, n_done=2)
+    other = RunSummary(output=tmp_path, n_done=1, n_failed=1, rank=1, failed=[{"id": "x", "status": "failed"}])
+    other.save(summary_path(tmp_path, cfg, 1))
+    settle_ranks(mine, {1: EXIT_SOME_FAILED, 2: EXIT_ALL_FAILED})  # finished their shares: not an error
+    with pytest.raises(RankFailedError):
+        settle_ranks(mine, {1: 1})
+    merge_rank_summaries(mine, cfg, [1, 2], since=0.0)  # rank 2 left no summary
+    assert (mine.n_done, mine.n_failed, mine.failed[0]["id"], mine.rank) == (3, 1, "x", 0)
+
+
+def test_the_table_is_printed_once(noise_dataset, model_dir, tmp_path, capsys):
+    from nti_lightning.run.outputs import format_header
+
+    args = [a for a in _args(noise_dataset, tmp_path / "out", model_dir) if a != "--quiet"]
+    assert main([*args, "output.progress_bar=false"]) == 0
+    res = capsys.readouterr()
+    header = format_header()
+    assert (res.err + res.out).count(header) == 1 and header in res.err  # live, as the images finish
+    for name in IDS:
+        assert sum(line.startswith(name) for line in (res.err + res.out).splitlines()) == 1
+    assert res.out.strip().splitlines()[-1].startswith("3 inverted, 0 failed, 0 already done")
+
+
+def test_more_user_mistakes_are_one_line_naming_the_culprit(noise_dataset, model_dir, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("inversion:\n  num_inner_steps: 2\n")
+    cases = {
+        "is a file": _args(noise_dataset, a_file, model_dir),  # --output that is a file
+        "trainer.accelerator": _args(noise_dataset, tmp_path / "o1", model_dir, "trainer.accelerator=cuda"),
+        "(a key=value override): imags": [
+            *_args(noise_dataset, tmp_path / "o2", model_dir),
+            "--config",
+            str(cfg),
+            "imags=x",
+        ],  # fmt: skip
+        f"in {cfg}": _args(noise_dataset, tmp_path / "o3", model_dir, "--config", str(cfg)),  # after the file fix
+    }
+    cfg_bad = cases.pop(f"in {cfg}")
+    for expect, argv in cases.items():
+        assert main(argv) == EXIT_CONFIG_ERROR, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and expect in err, err
+    cfg.write_text("inversion:\n  num_inner_stepz: 2\n")
+    assert main(cfg_bad) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert f"in {cfg}: inversion.num_inner_stepz" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        main(["invert", "--imags", "x"])  # a flag typo: the invert command's usage, not nti's
+    assert e.value.code == 2 and "nti invert: error: unrecognized arguments: --imags" in capsys.readouterr().err

@@ -17,14 +17,15 @@ _EXPORTS = {
     "RunSummary": "outputs",
     "format_header": "outputs",
     "format_row": "outputs",
-    "EXIT_PREEMPTED": "signals",
+    "EXIT_PREEMPTED": "nti_lightning.exit_codes",
     "StopFlag": "signals",
 }
 
 
 def __getattr__(name: str):  # lazy: ``nti status`` reads manifests without importing torch
     if name in _EXPORTS:
-        return getattr(import_module(f"nti_lightning.run.{_EXPORTS[name]}"), name)
+        where = _EXPORTS[name]
+        return getattr(import_module(where if "." in where else f"nti_lightning.run.{where}"), name)
     raise AttributeError(f"module 'nti_lightning.run' has no attribute {name!r}")
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from nti_lightning.config import RunConfig
+from nti_lightning.exit_codes import EXIT_ALL_FAILED, EXIT_PREEMPTED, EXIT_SOME_FAILED
 from nti_lightning.run.outputs import RunSummary
-from nti_lightning.run.signals import EXIT_PREEMPTED, StopFlag
-from nti_lightning.run.worker import log_line, run_worker, worker_name
+from nti_lightning.run.signals import StopFlag
+from nti_lightning.run.worker import log_line, run_worker, summary_path, worker_name
 from nti_lightning.runtime import resolve_precision
 
 
@@ -30,6 +31,7 @@ def make_fabric(cfg: RunConfig, launch: bool = True):
     import lightning as L
     from lightning.fabric.plugins import MixedPrecision
     from lightning.fabric.strategies import DDPStrategy
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     tr = cfg.trainer
     kwargs: dict = {"precision": tr.precision}
@@ -41,9 +43,16 @@ def make_fabric(cfg: RunConfig, launch: bool = True):
         strategy = DDPStrategy(
             start_method="popen" if strategy == "ddp" else "spawn", timeout=timedelta(seconds=tr.ddp_timeout_s)
         )
-    fabric = L.Fabric(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy, **kwargs
-    )
+    try:
+        fabric = L.Fabric(
+            accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy, **kwargs
+        )
+    except (RuntimeError, MisconfigurationException) as e:  # no such accelerator here, too many devices, …
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"trainer.accelerator={tr.accelerator} trainer.devices={tr.devices}: {first} "
+            "(trainer.accelerator=auto picks what this machine has)"
+        ) from None
     if launch:
         fabric.launch()
     return fabric
@@ -80,15 +89,18 @@ def run_inversion(
     ``ddp_spawn``) it passes stop signals on to them and waits for them: the summary is ``preempted`` if any
     rank was, and ``RankFailedError`` is raised if any rank failed."""
     cfg = absolute_paths(cfg)
+    if Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
+        raise NotADirectoryError(f"output folder {cfg.output.dir} is a file; give a folder (--output / output.dir)")
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     if precision != cfg.trainer.precision:  # "auto": record the mode that actually runs
         cfg = replace(cfg, trainer=replace(cfg.trainer, precision=precision))
     if fabric is not None:
         return _run_rank(fabric, cfg, overwrite, retry_failed, quiet)
     stop = StopFlag()  # before the launch: a signal then reaches the ranks this process starts
+    since = time.time()
     try:
         if cfg.trainer.strategy == "ddp_spawn":
-            return _run_spawned(cfg, stop, overwrite, retry_failed, quiet)
+            return _run_spawned(cfg, stop, overwrite, retry_failed, quiet, since)
         fabric = make_fabric(cfg)
         launcher = getattr(fabric.strategy, "launcher", None)
         procs = list(getattr(launcher, "procs", None) or [])  # Lightning's own `ddp` launch; none under srun
@@ -108,12 +120,15 @@ def run_inversion(
         if ranks:
             _note(cfg, fabric.global_rank, quiet, f"waiting for the rank(s) {sorted(ranks)} this process launched")
             settle_ranks(summary, {r: p.wait() for r, p in ranks.items()})
+            merge_rank_summaries(summary, cfg, ranks, since)
         return summary
     finally:
         stop.restore()
 
 
-def _run_spawned(cfg: RunConfig, stop: StopFlag, overwrite: bool, retry_failed: bool, quiet: bool) -> RunSummary:
+def _run_spawned(
+    cfg: RunConfig, stop: StopFlag, overwrite: bool, retry_failed: bool, quiet: bool, since: float
+) -> RunSummary:
     """``ddp_spawn``: this process starts every rank; each reports its outcome in shared memory, since Lightning
     returns rank 0's summary only."""
     import multiprocessing
@@ -125,6 +140,7 @@ def _run_spawned(cfg: RunConfig, stop: StopFlag, overwrite: bool, retry_failed: 
     stop.forward(lambda: [p.pid for p in multiprocessing.active_children()])
     summary = fabric.launch(_run_rank, cfg, overwrite, retry_failed, quiet, None, outcomes)
     settle_ranks(summary, dict(enumerate(outcomes)))
+    merge_rank_summaries(summary, cfg, range(1, fabric.world_size), since)
     return summary
 
 
@@ -149,13 +165,23 @@ def settle_ranks(summary: RunSummary, codes: dict[int, int]) -> None:
     """Folds the outcomes of the ranks this process launched into its summary: ``preempted`` if any rank stopped
     on a signal (exit 75, or killed by the signal before its handler was installed), an error if any failed."""
     preempted = {EXIT_PREEMPTED, *(-s for s in StopFlag.SIGNALS)}
-    failed = {r: c for r, c in codes.items() if c != 0 and c not in preempted}
+    completed = {0, EXIT_SOME_FAILED, EXIT_ALL_FAILED}  # a rank whose images failed still finished its share
+    failed = {r: c for r, c in codes.items() if c not in completed and c not in preempted}
     summary.preempted = summary.preempted or any(c in preempted for c in codes.values())
     if failed:
         raise RankFailedError(
             f"rank(s) {sorted(failed)} failed (exit codes {failed}; a negative code is the signal that killed it); "
             f"see {summary.output}/logs/rank*.log. Finished images are recorded; rerun to complete the rest."
         )
+
+
+def merge_rank_summaries(summary: RunSummary, cfg: RunConfig, ranks, since: float) -> None:
+    """Adds the final counts the ranks this process launched left in ``logs/`` (written after ``since``): the
+    launching rank prints one summary of the whole run."""
+    for r in ranks:
+        path = summary_path(summary.output, cfg, r)
+        if r != summary.rank and path.is_file() and path.stat().st_mtime >= since:
+            summary.merge(RunSummary.load(path, summary.output))
 
 
 def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:

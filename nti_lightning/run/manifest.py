@@ -56,6 +56,7 @@ class Previous(NamedTuple):
     inversion: str | None  # paths.inversion of an "ok" record
     error: str | None  # of a record that is not "ok"
     finished_at: float = 0.0
+    prompt: str | None = None  # the prompt it was inverted (or failed) with
 
 
 class ManifestIndex:
@@ -67,12 +68,13 @@ class ManifestIndex:
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self._db = temp_db()
         self._db.execute(
-            "CREATE TABLE m (id TEXT PRIMARY KEY, status TEXT, inversion TEXT, error TEXT, finished_at REAL) "
-            "WITHOUT ROWID"
+            "CREATE TABLE m (id TEXT PRIMARY KEY, status TEXT, inversion TEXT, error TEXT, finished_at REAL, "
+            "prompt TEXT) WITHOUT ROWID"
         )
         self._db.executemany(
-            "INSERT INTO m VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-            "inversion = excluded.inversion, error = excluded.error, finished_at = excluded.finished_at "
+            "INSERT INTO m VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+            "inversion = excluded.inversion, error = excluded.error, finished_at = excluded.finished_at, "
+            "prompt = excluded.prompt "
             "WHERE excluded.finished_at >= m.finished_at",
             self._rows(Path(out_dir)),
         )
@@ -84,11 +86,12 @@ class ManifestIndex:
             paths = rec.get("paths")
             inversion = paths.get("inversion") if status == "ok" and isinstance(paths, dict) else None
             error = None if status == "ok" else rec.get("error", "")
-            yield rec["id"], status, inversion, error, rec.get("finished_at", 0)
+            prompt = rec.get("prompt") if isinstance(rec.get("prompt"), str) else None
+            yield rec["id"], status, inversion, error, rec.get("finished_at", 0), prompt
 
     def get(self, item_id: str) -> Previous | None:
         row = self._db.execute(
-            "SELECT status, inversion, error, finished_at FROM m WHERE id = ?", (item_id,)
+            "SELECT status, inversion, error, finished_at, prompt FROM m WHERE id = ?", (item_id,)
         ).fetchone()
         return None if row is None else Previous(*row)
 

@@ -41,6 +41,7 @@ class RunSummary:
     interrupted: bool = False  # Ctrl-C: state saved, exit 130
     resumed: int = 0
     skipped_steps: int = 0
+    rank: int = 0
 
     def add(self, rec: dict) -> None:
         ok = rec["status"] == "ok"
@@ -49,6 +50,23 @@ class RunSummary:
         rows = self.done if ok else self.failed
         if len(rows) < SUMMARY_ROWS:
             rows.append(rec)
+
+    def merge(self, other: RunSummary) -> None:
+        """Adds another rank's counts and rows: the launching rank reports the run, not only itself."""
+        for name in ("n_done", "n_failed", "skipped", "skipped_failed", "resumed", "skipped_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.done += other.done[: max(SUMMARY_ROWS - len(self.done), 0)]
+        self.failed += other.failed[: max(SUMMARY_ROWS - len(self.failed), 0)]
+        self.preempted |= other.preempted
+        self.interrupted |= other.interrupted
+
+    def save(self, path: Path) -> None:
+        fields = {k: v for k, v in vars(self).items() if k != "output"}
+        atomic_write_bytes(path, json.dumps(fields).encode())
+
+    @classmethod
+    def load(cls, path: Path, output: Path) -> RunSummary:
+        return cls(output=output, **json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass

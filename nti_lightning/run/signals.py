@@ -7,9 +7,6 @@ import signal
 import subprocess
 from collections.abc import Callable
 
-EXIT_PREEMPTED = 75
-"""Exit status of ``nti invert`` after SIGTERM/SIGUSR1: state saved, rerun to resume (sysexits EX_TEMPFAIL)."""
-
 
 class Preempted(Exception):
     """A stop signal arrived; the worker's state is saved."""

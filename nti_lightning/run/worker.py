@@ -30,7 +30,8 @@ import torch
 from nti_lightning.api import image_size_for
 from nti_lightning.batch_probe import probe_batch_size
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
-from nti_lightning.dataset import SAMPLES_DIR, Item, iter_items, read_captions
+from nti_lightning.dataset import SAMPLES_DIR, Item, caption_coverage, iter_items, read_captions
+from nti_lightning.exit_codes import EXIT_PREEMPTED
 from nti_lightning.run import checkpoint as ckpt
 from nti_lightning.run.files import atomic_write_bytes, item_dir, remove_stale_tmp
 from nti_lightning.run.identity import check_output_identity, run_identity
@@ -46,7 +47,7 @@ from nti_lightning.run.outputs import (
     make_metrics_logger,
     write_group,
 )
-from nti_lightning.run.signals import EXIT_PREEMPTED, Preempted, StopFlag, requeue_slurm_job
+from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job
 from nti_lightning.runtime import Runtime
 from nti_lightning.slots import Admission, Failed, SlotEngine, Tick
 from nti_lightning.text import PromptError, check_prompt
@@ -55,6 +56,11 @@ from nti_lightning.text import PromptError, check_prompt
 def worker_name(cfg: RunConfig, rank: int) -> str:
     """``rank{r}``, or ``shard{s}.rank{r}`` in a job array: names this worker's log file and progress bar."""
     return f"shard{cfg.data.shard_index}.rank{rank}" if cfg.data.num_shards > 1 else f"rank{rank}"
+
+
+def summary_path(out_dir: Path, cfg: RunConfig, rank: int) -> Path:
+    """Where a worker leaves its final counts (``RunSummary``) for the process that launched it."""
+    return Path(out_dir) / "logs" / f"summary.{worker_name(cfg, rank)}.json"
 
 
 def log_line(line: str) -> str:
@@ -109,6 +115,12 @@ class Worker:
             self.bar.write(line, file=sys.stderr)
         elif not self.quiet:
             print(line, file=sys.stderr, flush=True)
+
+    def warn(self, text: str) -> None:
+        """A warning: in the log, and on stderr even with --quiet."""
+        self.log(f"warning: {text}")
+        if self.quiet:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def record(self, item: Item, status: str, **fields) -> dict:
         rec = {"id": item.id, "source": item.path, "prompt": item.prompt, "status": status, "rank": self.rank}
@@ -187,14 +199,18 @@ class Worker:
         self.images, captions_path = resolve_inputs(self.cfg)
         self.captions, warnings = read_captions(captions_path) if captions_path else (None, [])
         for w in warnings:
-            self.log(f"warning: {w}")
+            self.warn(w)
         for path in self.images:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"input {path} does not exist; fix --images (or data.images)")
-        total = self.n_todo = 0
+        total = self.n_todo = uncaptioned = 0
         self.skipped_failed = 0
-        for k, item in enumerate(iter_items(self.images, None)):
+        example = None
+        for k, item in enumerate(iter_items(self.images, self.captions, self.cfg.data.default_prompt)):
             total += 1
+            if item.error is None and not item.captioned and item.prompt == self.cfg.data.default_prompt:
+                uncaptioned += 1
+                example = example or item.id
             if not is_mine(k, self.shard, self.num_shards, self.rank, self.world):
                 continue
             if lost_inversions(self.out_dir, self.previous, item.id):
@@ -205,6 +221,10 @@ class Worker:
                 self.skipped_failed += prev.status != "ok"
             else:
                 self.n_todo += 1
+        if self.captions is not None and self.rank == 0 and total:
+            default = self.cfg.data.default_prompt
+            if w := caption_coverage(captions_path, self.captions, total, uncaptioned, example, default):
+                self.warn(w)
         if self.rank == 0:
             progress = {"total": total, "num_shards": self.num_shards, "world_size": self.world}
             atomic_write_bytes(self.out_dir / "progress.json", json.dumps(progress).encode())
@@ -215,7 +235,9 @@ class Worker:
         prev = self.previous.get(item.id)
         if prev is None:
             return False
-        return item.id not in self.lost if prev.status == "ok" else not self.retry_failed
+        if prev.status == "ok":
+            return item.id not in self.lost
+        return not self.retry_failed and prev.prompt == item.prompt  # a changed caption is a fix: retried
 
     def is_ghost(self, item_id: str) -> bool:
         """Finished after the checkpoint this run resumed from: run again for an identical stream, not written."""
@@ -378,7 +400,8 @@ def run_worker(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_
             if not interrupted and w.rank == 0 and cfg.output.requeue and os.environ.get("SLURM_JOB_ID"):
                 requeue_slurm_job(w.log)
         s = w.summary  # 6
-        s.skipped_failed = w.skipped_failed
+        s.skipped_failed, s.rank = w.skipped_failed, w.rank
+        s.save(summary_path(out_dir, cfg, w.rank))  # for the rank that launched this one: one combined report
         w.log(
             f"{w.name}: {s.n_done} inverted, {s.n_failed} failed, {s.skipped} already done, {s.resumed} resumed, "
             f"{s.skipped_steps} loss-scale-skipped step(s); manifest {w.manifest}"
