@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("NTI_DEBUG") == "1"
+    # a quiet console: transformers' import-time notices (e.g. "requires torchvision") are not the user's concern
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return dispatch(args)
     except KeyboardInterrupt:

@@ -253,3 +253,12 @@ def test_more_user_mistakes_are_one_line_naming_the_culprit(noise_dataset, model
     with pytest.raises(SystemExit) as e:
         main(["invert", "--imags", "x"])  # a flag typo: the invert command's usage, not nti's
     assert e.value.code == 2 and "nti invert: error: unrecognized arguments: --imags" in capsys.readouterr().err
+
+
+def test_a_quiet_run_prints_no_library_notices(noise_dataset, model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    cmd = [sys.executable, "-m", "nti_lightning.cli", *_args(noise_dataset, tmp_path / "out", model_dir)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.strip() == "", res.stderr  # no torchvision / transformers / component progress notices
