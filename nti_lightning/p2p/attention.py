@@ -6,7 +6,7 @@ processor, and ``UNet2DConditionModel.set_attn_processor`` swaps them. ``P2PAttn
 ``AttnProcessor`` with one line added: it hands the probabilities (batch·heads, queries, keys) to a
 controller, ``controller(attn, is_cross, place_in_unet) -> attn``, and multiplies V by what comes back.
 
-What the maps mean here (the layout ``engine.ddim_sample`` uses): the UNet batch is [∅ rows | C rows], each
+What the maps mean here (the layout ``sampling.ddim_sample`` uses): the UNet batch is [∅ rows | C rows], each
 half with one row per prompt; a map tensor is (2B·heads, HW, 77) for cross attention and (2B·heads, HW, HW)
 for self attention, batch-major (row b, head h at index b·heads + h).
 

@@ -2,7 +2,7 @@
 
 The inversion's z̄_T and per-timestep null embeddings ∅_t reconstruct the image under the source prompt P.
 Editing samples one batch [P, P*_1, …, P*_K] from the same z̄_T with the same ∅_t for every row, through
-``engine.ddim_sample`` (one UNet call per step on [∅ rows | C rows]), while a controller rewrites the targets'
+``sampling.ddim_sample`` (one UNet call per step on [∅ rows | C rows]), while a controller rewrites the targets'
 attention from the source's. Row 0 is therefore the NTI reconstruction itself, and each row k ≥ 1 an edit.
 
 With every target equal to the source and nothing to control, no processor is installed and the edit is the
@@ -15,40 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from nti_lightning.config import InversionConfig
 from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.edit_args import CROSS_REPLACE_STEPS, MODES, SELF_REPLACE_STEPS  # noqa: E402,F401
-from nti_lightning.image import ImageError, prepare_image, tensor_to_image
+from nti_lightning.edit_config import EDIT_DEFAULTS, EDIT_MODES, CrossReplace, StepWindow
+from nti_lightning.image import tensor_to_image
 from nti_lightning.inversion import Inversion, check_compatible
 from nti_lightning.p2p import alignment
 from nti_lightning.p2p.attention import attention_control
-from nti_lightning.p2p.controllers import (
-    LOCAL_BLEND_START,
-    LOCAL_BLEND_THRESHOLD,
-    AttentionControl,
-    AttentionControlEdit,
-    AttentionStore,
-    LocalBlend,
-    StepWindow,
-    TargetEdit,
-    blend_word_weights,
-    map_shape,
-    pick_attention_queries,
-    step_range,
-    target_edit,
-)
+from nti_lightning.p2p.controllers import AttentionControl, AttentionControlEdit, AttentionStore
+from nti_lightning.p2p.figures import attention_figure
+from nti_lightning.p2p.local_blend import LocalBlend
+from nti_lightning.p2p.maps import coarse_queries, map_shape, pick_attention_queries, store_queries
+from nti_lightning.p2p.rules import blend_word_weights, identity_edit, step_range, target_edit
 from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import ddim_sample, decode_latents
 from nti_lightning.text import check_prompt
-
-DEFAULT_GUIDANCE_SCALE = 7.5
-"""Used only when the inversion does not record the guidance scale it was optimised for."""
-ATTENTION_TILE = 128
-"""Pixel size of one token's tile in the attention figure (the coarse map is upsampled bicubically)."""
 
 
 @dataclass
@@ -57,8 +42,8 @@ class EditSpec:
 
     target: str
     mode: str | None = None
-    cross_replace_steps: StepWindow | dict[str, StepWindow] = CROSS_REPLACE_STEPS
-    self_replace_steps: StepWindow = SELF_REPLACE_STEPS
+    cross_replace_steps: CrossReplace = EDIT_DEFAULTS.cross_replace
+    self_replace_steps: StepWindow = EDIT_DEFAULTS.self_replace
     blend_words: Sequence[str] | None = None
     reweight: dict[str, float] | None = None
 
@@ -75,6 +60,7 @@ class EditResult:
     attention: torch.Tensor | None = None  # (1 + K, mh, mw, L): cross-attention averaged over steps/layers/heads
     token_labels: list[list[str]] = field(default_factory=list)  # per row, one label per used token position
     blend_mask: torch.Tensor | None = None  # (K, 1, h, w) bool: the last local-blend mask
+    guidance_scale: float | None = None  # w the edits were sampled with
 
     @property
     def reconstruction(self) -> Image.Image:
@@ -101,20 +87,13 @@ def resolve_mode(tokenizer, source: str, spec: EditSpec) -> str | None:
     """The spec's mode, or inferred: same prompt → "reweight" if re-weighting else None (nothing to edit);
     same number of words → "replace"; otherwise "refine"."""
     if spec.mode is not None:
-        if spec.mode not in MODES:
-            raise ValueError(f"unknown edit mode {spec.mode!r}; choose one of {', '.join(MODES)}")
+        if spec.mode not in EDIT_MODES:
+            raise ValueError(f"unknown edit mode {spec.mode!r}; choose one of {', '.join(EDIT_MODES)}")
         return spec.mode
     ws, wt = alignment.prompt_words(tokenizer, source), alignment.prompt_words(tokenizer, spec.target)
     if ws == wt:
         return "reweight" if spec.reweight else None
     return "replace" if len(ws) == len(wt) else "refine"
-
-
-def identity_edit(max_len: int, num_steps: int) -> TargetEdit:
-    """A target that keeps its own attention everywhere."""
-    return TargetEdit(
-        torch.eye(max_len), torch.ones(max_len), torch.ones(max_len), torch.zeros(num_steps, max_len), (0, 0)
-    )
 
 
 def build_controller(
@@ -124,8 +103,8 @@ def build_controller(
     num_steps: int,
     latent_hw: tuple[int, int],
     return_attention: bool = False,
-    local_blend_start: float = LOCAL_BLEND_START,
-    local_blend_threshold: float = LOCAL_BLEND_THRESHOLD,
+    local_blend_start: float = EDIT_DEFAULTS.local_blend_start,
+    local_blend_threshold: float = EDIT_DEFAULTS.local_blend_threshold,
     attention_side: int | None = None,
 ) -> tuple[AttentionControl | None, list[str | None]]:
     """One controller for the batch [source, *targets] (None when there is nothing to control) and the modes.
@@ -146,8 +125,7 @@ def build_controller(
     ]
     for s in specs:
         step_range(s.self_replace_steps, num_steps)  # validates the window even where it is unused
-    quarter = (latent_hw[0] * latent_hw[1]) // 4  # the authors' 32² of 64² latents: all but the finest maps
-    store = quarter if attention_side is None else max(quarter, attention_side**2 * latent_hw[1] // latent_hw[0])
+    quarter, store = coarse_queries(latent_hw), store_queries(latent_hw, attention_side)
     local_blend = None
     if any(s.blend_words for s in specs):
         src, tgt = torch.stack([b[0] for b in blends]), torch.stack([b[1] for b in blends])
@@ -165,7 +143,10 @@ def build_controller(
 
 
 def default_guidance_scale(inversion: Inversion) -> float:
-    return float(inversion.meta.get("hyperparameters", {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+    """The w the inversion's null embeddings were optimised for (``InversionConfig``'s default for an inversion
+    that records none): ∅_t reconstructs the image only under that w (Mokady et al. 2023 §3.2)."""
+    recorded = inversion.meta.get("hyperparameters", {}).get("guidance_scale")
+    return float(recorded if recorded is not None else InversionConfig.guidance_scale)
 
 
 def edit_batch(
@@ -176,8 +157,8 @@ def edit_batch(
     return_attention: bool = False,
     runtime: Runtime | None = None,
     attention_side: int | None = None,
-    local_blend_start: float = LOCAL_BLEND_START,
-    local_blend_threshold: float = LOCAL_BLEND_THRESHOLD,
+    local_blend_start: float = EDIT_DEFAULTS.local_blend_start,
+    local_blend_threshold: float = EDIT_DEFAULTS.local_blend_threshold,
 ) -> EditResult:
     """K edits of one inversion in one sampling pass: batch [P, P*_1, …, P*_K] (P2P Algorithm 1)."""
     runtime = runtime or Runtime()
@@ -219,7 +200,7 @@ def edit_batch(
         )  # (B, C, h, w)
     # 4. Decode; collect the attention maps
     pixels = decode_latents(model, z0).cpu()
-    result = EditResult(source, targets, modes, z0.cpu(), [tensor_to_image(x) for x in pixels])
+    result = EditResult(source, targets, modes, z0.cpu(), [tensor_to_image(x) for x in pixels], guidance_scale=w)
     if isinstance(controller, AttentionControlEdit) and controller.local_blend is not None:
         result.blend_mask = controller.local_blend.last_mask
     if return_attention and isinstance(controller, AttentionStore):
@@ -235,8 +216,8 @@ def edit(
     inversion: Inversion,
     target_prompt: str,
     mode: str | None = None,
-    cross_replace_steps: StepWindow | dict[str, StepWindow] = CROSS_REPLACE_STEPS,
-    self_replace_steps: StepWindow = SELF_REPLACE_STEPS,
+    cross_replace_steps: CrossReplace = EDIT_DEFAULTS.cross_replace,
+    self_replace_steps: StepWindow = EDIT_DEFAULTS.self_replace,
     blend_words: Sequence[str] | None = None,
     reweight: dict[str, float] | None = None,
     guidance_scale: float | None = None,
@@ -261,50 +242,3 @@ def edit(
     blend = [blend_words] if isinstance(blend_words, str) else blend_words
     spec = EditSpec(target_prompt, mode, cross_replace_steps, self_replace_steps, blend, reweight)
     return edit_batch(model, inversion, [spec], guidance_scale, return_attention, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pictures
-# ---------------------------------------------------------------------------------------------------------
-
-
-def input_image(model, inversion: Inversion) -> Image.Image:
-    """The inverted image: the source file recorded by ``nti invert`` (prepared as it was inverted) if it is
-    still there, else the VAE decoding of the pivot z*_0 (what the inversion actually saw)."""
-    source = (inversion.meta.get("image") or {}).get("source")
-    size = inversion.meta.get("image_size") or inversion.z_T.shape[-1] * model.vae_scale_factor
-    if source and Path(source).is_file():
-        try:
-            return tensor_to_image(prepare_image(source, int(size)))
-        except ImageError:
-            pass
-    return tensor_to_image(decode_latents(model, inversion.pivot_z0[None].to(model.device))[0])
-
-
-def edit_strip(model, inversion: Inversion, result: EditResult, k: int = 1) -> Image.Image:
-    """input | reconstruction | edit k, side by side."""
-    from nti_lightning.metrics import make_strip  # torchmetrics: imported only when pictures are made
-
-    return make_strip([input_image(model, inversion), result.images[0], result.images[k]])
-
-
-def attention_figure(maps: torch.Tensor, labels: Sequence[Sequence[str]], tile: int = ATTENTION_TILE) -> Image.Image:
-    """One row per prompt, one tile per used token: its map (min–max normalised, upsampled) over its label.
-
-    maps: (rows, mh, mw, L); labels: per row, one label per used token position (start … end).
-    """
-    font = ImageFont.load_default()
-    text_h = 16
-    cols = max(len(r) for r in labels)
-    canvas = Image.new("RGB", (cols * (tile + 4), len(labels) * (tile + text_h + 4)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, row_labels in enumerate(labels):
-        for j, label in enumerate(row_labels):
-            m = maps[r, :, :, j].float()
-            m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)  # min–max: flat maps of a small model show
-            m = (255 * m).round().clamp(0, 255).to(torch.uint8).numpy()
-            img = Image.fromarray(m, mode="L").resize((tile, tile), Image.Resampling.BICUBIC).convert("RGB")
-            x, y = j * (tile + 4), r * (tile + text_h + 4)
-            canvas.paste(img, (x, y))
-            draw.text((x + 2, y + tile + 2), label[:18], fill="black", font=font)
-    return canvas

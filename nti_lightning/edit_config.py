@@ -1,0 +1,91 @@
+"""Typed settings of Prompt-to-Prompt editing (Hertz et al. 2022): the one home of ``nti edit``'s defaults.
+
+``EditConfig`` is a plain dataclass (no torch, no OmegaConf: ``nti --help`` imports it through ``edit_args``,
+and its step windows are unions OmegaConf cannot type). Its defaults are the authors' (``prompt-to-prompt``
+notebook, ``null_text_w_ptp.ipynb``). ``nti edit`` saves each edit's resolved ``EditConfig`` as JSON beside
+the edit's pictures (``p2p.outputs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EDIT_MODES = ("replace", "refine", "reweight")
+"""P2P §3.2: word swap, adding a phrase, attention re-weighting."""
+
+StepWindow = float | tuple[float, float]
+"""A fraction f of the steps (the first ⌊f·T⌋ steps) or a (start, end) pair of fractions."""
+
+CrossReplace = StepWindow | dict[str, StepWindow]
+"""A window for every token, or ``{"default_": window, word: window, …}``: words of the target prompt with their
+own window ("default_": the other tokens; the whole run where absent, as the authors)."""
+
+
+def window_fractions(window: StepWindow) -> tuple[float, float]:
+    """A step window as (start, end) fractions with 0 ≤ start ≤ end ≤ 1 (P2P's τ as a fraction of T)."""
+    if isinstance(window, bool):
+        raise ValueError(f"step window {window!r} must be a fraction in [0, 1] or a pair 0 ≤ start ≤ end ≤ 1")
+    if isinstance(window, (int, float)):
+        start, end = 0.0, float(window)
+    elif isinstance(window, (list, tuple)) and len(window) == 2:
+        start, end = float(window[0]), float(window[1])
+    else:
+        raise ValueError(f"step window {window!r} must be a fraction in [0, 1] or a pair 0 ≤ start ≤ end ≤ 1")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"step window {window!r} must be a fraction in [0, 1] or a pair 0 ≤ start ≤ end ≤ 1")
+    return start, end
+
+
+@dataclass
+class EditConfig:
+    """How ``nti edit`` edits (every field but ``batch_size``, ``attention`` and ``overwrite`` may be set per
+    line of an edits JSONL; the command line sets the defaults of all lines)."""
+
+    mode: str | None = None
+    """"replace" (word swap: same number of words), "refine" (adding words), "reweight" (target = source);
+    None: inferred per edit — same words → "reweight" if it re-weights (else nothing to edit), the same number
+    of words → "replace", otherwise "refine"."""
+    cross_replace: CrossReplace = 0.8
+    """τ_c of P2P Algorithm 1: the steps in which the source's cross-attention maps replace the target's
+    (authors: 0.8)."""
+    self_replace: StepWindow = 0.4
+    """The steps in which the source's self-attention maps are injected, in layers with at most ¼ of the
+    latent's positions (authors: 0.4–0.6 per example)."""
+    guidance_scale: float | None = None
+    """w of classifier-free guidance; None: the one the inversion was optimised for (recorded in it), since
+    the null embeddings ∅_t are only right for that w (Mokady et al. 2023 §3.2)."""
+    local_blend_start: float = 0.2
+    """Fraction of the steps before the local blend starts (authors: ``start_blend=0.2``)."""
+    local_blend_threshold: float = 0.3
+    """A latent position is inside the blend mask where the words' max-normalised attention exceeds this
+    (authors: ``th=(.3, .3)``)."""
+    batch_size: int = 4
+    """Edits of one image sampled in one pass (the UNet batch is 2·(1 + edits))."""
+    attention: bool = False
+    """Also save each token's cross-attention map averaged over the steps (P2P Figure 4)."""
+    overwrite: bool = False
+    """An edit whose file name is taken replaces the earlier edit's files (all of them); without it the new
+    edit gets the next free numbered name (``<stem>-2``, ``<stem>-3``, …) and nothing is overwritten."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in EDIT_MODES:
+            raise ValueError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
+        windows = self.cross_replace.values() if isinstance(self.cross_replace, dict) else [self.cross_replace]
+        for window in [*windows, self.self_replace]:
+            window_fractions(window)
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for name in ("local_blend_start", "local_blend_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (windows as lists)."""
+        return asdict(self)
+
+
+EDIT_DEFAULTS = EditConfig()
+"""The defaults, for signatures and the argument parser."""
