@@ -112,20 +112,22 @@ def cmd_invert(args) -> int:
 
 
 def exit_status(summary, quiet: bool = False) -> int:
-    """0 all done, 3 some failed, 4 all failed — counting images skipped as failed by earlier runs too."""
+    """0 all done, 3 some failed, 4 all failed — counting images skipped as failed by earlier runs too; unless
+    ``quiet``, a failure gets one line on stderr saying where to look."""
     failed = summary.n_failed + summary.skipped_failed
     ok = summary.n_done + summary.skipped - summary.skipped_failed
-    if failed == 0 or quiet:
-        return EXIT_OK if failed == 0 else EXIT_SOME_FAILED if ok else EXIT_ALL_FAILED
-    if ok == 0:
+    code = EXIT_OK if failed == 0 else EXIT_SOME_FAILED if ok else EXIT_ALL_FAILED
+    if quiet or code == EXIT_OK:
+        return code
+    if code == EXIT_ALL_FAILED:
         print(f"every image failed ({failed}); `nti status {summary.output}` lists why", file=sys.stderr)
-        return EXIT_ALL_FAILED
-    print(
-        f"{failed} image(s) failed; `nti status {summary.output}` lists them, --retry-failed redoes them (an "
-        "image whose prompt changed since it failed is retried anyway)",
-        file=sys.stderr,
-    )
-    return EXIT_SOME_FAILED
+    else:
+        print(
+            f"{failed} image(s) failed; `nti status {summary.output}` lists them, --retry-failed redoes them (an "
+            "image whose prompt changed since it failed is retried anyway)",
+            file=sys.stderr,
+        )
+    return code
 
 
 def cmd_status(args) -> int:

@@ -6,6 +6,7 @@ the paper fixes them. Unknown keys are an error that names the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -254,22 +255,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        merged = _merged(merged, lambda: OmegaConf.load(path), f" in {path}")
+        merged = _blamed(f" in {path}", lambda: OmegaConf.merge(merged, OmegaConf.load(path)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        merged = _merged(merged, lambda: OmegaConf.from_dotlist(list(overrides)), " (a key=value override)")
-    return _merged(merged, None, "")
+        override = " (a key=value override)"
+        merged = _blamed(override, lambda: OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides))))
+    return _blamed("", lambda: OmegaConf.to_object(merged))
 
 
-def _merged(merged: Any, source, where: str) -> Any:
-    """``merged`` with ``source()`` merged in (or, without a source, the final typed object), an error blamed on
-    ``where`` it came from: the config file, or the command line's overrides."""
+def _blamed(where: str, step: Callable[[], Any]) -> Any:
+    """``step()``, an OmegaConf error in it raised as a ``ConfigError`` naming ``where`` the bad value came from:
+    the config file, or the command line's overrides."""
     try:
-        if source is None:
-            return OmegaConf.to_object(merged)
-        return OmegaConf.merge(merged, source())
+        return step()
     except (ConfigAttributeError, ConfigKeyError, ValidationError) as e:
         msg = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
         key = getattr(e, "full_key", None)
