@@ -151,7 +151,10 @@ def _from_folder(folder: Path, kwargs: dict):
 
     info = inspect_folder(folder)
     check_scheduler_config(info.scheduler, f"model {folder}")
-    family_from_configs(info.unet, info.vae, info.scheduler, 77)  # refuses SDXL / inpainting before any weight
+    try:  # refuses SDXL / inpainting UNets before any weight is read
+        family_from_configs(info.unet, info.vae, info.scheduler, 77)
+    except ValueError as e:
+        raise ModelFolderError(f"model {folder}: {e}") from e
     return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
 
 
