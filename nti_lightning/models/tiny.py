@@ -14,12 +14,14 @@ Diffusion v1.4 (Mokady et al. 2023 use it for Null-text Inversion) run unchanged
 ``assets/tiny/`` holds these components with weights trained by ``scripts/train_tiny.py`` (see the README
 there); ``build_random_components`` gives the same architecture with seeded random weights for fast tests.
 
-The same script trains two more tiny families on the same VAE and tokenizer (``--family sd2|sdxl``), whose
-layouts are here too: ``SD2_UNET_CONFIG`` / ``SD2_SCHEDULER_CONFIG`` (SD2.x: linear-projection transformers,
-``attention_head_dim`` per block, v-prediction) and ``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the
-second with a projection, ``addition_embed_type="text_time"`` conditioning on pooled text and
-``add_time_ids``); ``build_random_family_components`` builds them. They are written to
-``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``).
+The same script trains two more tiny families on the same VAE and vocabulary (``--family sd2|sdxl``), whose
+layouts are here too: ``SD2_UNET_CONFIG`` / ``SD2_TEXT_ENCODER_CONFIG`` / ``SD2_SCHEDULER_CONFIG`` (SD2.x:
+linear-projection transformers, ``attention_head_dim`` per block, a wider GELU text encoder (48 = SD2's 1024
+scaled down as SD1's 768 → 32), a tokenizer padding with "!" as OpenCLIP's, v-prediction) and
+``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the second with a projection, ``addition_embed_type="text_time"``
+conditioning on pooled text and ``add_time_ids``); ``build_random_family_components`` builds them. They are
+written to ``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``);
+the trained SD2 one ships and loads as ``load_model("tiny-sd2-v")``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 TINY_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 """The shipped diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
 TINY_SD2_DIR: Path = TINY_DIR.parent / "tiny_sd2"
-"""Where ``train_tiny.py --family sd2`` writes the SD2-v-shaped tiny model (a StableDiffusionPipeline folder)."""
+"""The shipped SD2-v-shaped tiny model ``tiny-sd2-v`` (a StableDiffusionPipeline folder written by
+``train_tiny.py --family sd2``)."""
 TINY_SDXL_DIR: Path = TINY_DIR.parent / "tiny_sdxl"
 """Where ``train_tiny.py --family sdxl`` writes the SDXL-shaped tiny model (a StableDiffusionXLPipeline folder)."""
 FAMILIES = ("sd1", "sd2", "sdxl")
