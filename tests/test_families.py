@@ -214,3 +214,22 @@ def test_v_inversion_equals_a_diffusers_inverse_loop(sd2_random):
         for t in inverse.timesteps:
             z = inverse.step(model.unet(z, t, cond["prompt_embeds"]).sample, t, z).prev_sample
     assert (ours - z).abs().max().item() <= 1e-5
+
+
+def test_nti_invert_with_model_flag_on_an_sd2_folder(tmp_path, sd2_dir):
+    """`nti invert --model <sd2 folder>` as a diffusers user expects: the family is detected and recorded."""
+    from PIL import Image
+
+    from nti_lightning import load_inversion
+    from nti_lightning.cli import main
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "red.png", "prompt": "a red wall"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["invert", "--images", str(tmp_path / "red.png"), "--captions", str(tmp_path / "captions.jsonl")]
+    argv += ["--output", str(out), "--model", str(sd2_dir), "inversion.num_ddim_steps=2"]
+    argv += ["inversion.num_inner_steps=1", "inversion.image_size=64", "--quiet"]
+    assert main(argv) == 0
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    inv = load_inversion(out / rec["paths"]["inversion"], model=load_model(sd2_dir))
+    assert (inv.meta["family"], inv.meta["prediction_type"]) == ("sd2-v", "v_prediction")
