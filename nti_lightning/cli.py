@@ -1,6 +1,6 @@
 """``nti``: the command line.
 
-  nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--config YAML] [key=value ...]
+  nti invert [--images DIR_OR_FILES ...] [--captions FILE] [--output DIR] [--model SPEC] [--config YAML] [key=value ...]
   nti status OUTPUT
 
 Exit status of ``nti invert`` (``EXIT_*`` below): 0 every image inverted; 3 some images failed (the others are
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
     inv.add_argument("--config", default=None, help="YAML config (see configs/)")
+    inv.add_argument(
+        "--model",
+        default=None,
+        help="model.spec: 'tiny', 'tiny-sd2-v', a diffusers folder (SD1.x / SD2.x, detected) or a .safetensors file",
+    )
     inv.add_argument("--overwrite", action="store_true", help="start over an output folder made with other settings")
     inv.add_argument("--retry-failed", action="store_true", help="re-do images recorded as failed")
     inv.add_argument("--quiet", action="store_true", help="no per-image log lines")
@@ -77,6 +82,8 @@ def cmd_invert(args) -> int:
         overrides.append(f"data.captions={_quote(args.captions)}")
     if args.output:
         overrides.append(f"output.dir={_quote(args.output)}")
+    if args.model:
+        overrides.append(f"model.spec={_quote(args.model)}")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -24,8 +24,11 @@ class ModelConfig:
     """Which diffusion model to invert with."""
 
     spec: str = "tiny"
-    """"tiny" (the embedded default), a local diffusers folder, a single-file .safetensors/.ckpt checkpoint,
-    or a hub id (only on machines that can reach a hub)."""
+    """"tiny" (the embedded SD1-shaped default), "tiny-sd2-v" (the embedded SD2-shaped v-prediction model), a
+    local diffusers folder (SD1.x / SD2.x, the family is detected), a single-file .safetensors/.ckpt
+    checkpoint, or a hub id (only on machines that can reach a hub)."""
+    config_dir: str | None = None
+    """For a single-file checkpoint: a diffusers folder with the matching configs (needed offline)."""
     dtype: str = "float32"
     """Storage dtype of the frozen weights: float32, float16 or bfloat16. Mixed precision is
     ``trainer.precision``; the null embeddings are always float32."""

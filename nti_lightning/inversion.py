@@ -37,7 +37,8 @@ class Inversion:
     inner_steps: torch.Tensor  # (T,) long: Adam steps applied per timestep
     final_loss: torch.Tensor  # (T,) float: last inner-step loss per timestep
     meta: dict[str, Any] = field(default_factory=dict)
-    """model_source, model_fingerprint, scheduler, hyperparameters, image_size, image, precision, …"""
+    """model_source, model_fingerprint, family ("sd1", "sd2", "sd2-v"), prediction_type ("epsilon",
+    "v_prediction"), scheduler, hyperparameters, image_size, image, precision, …"""
     z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only)
 
     @property
@@ -94,13 +95,43 @@ def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
     return inv
 
 
+SCHEDULER_IDENTITY_KEYS = (
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "num_train_timesteps",
+    "set_alpha_to_one",
+    "steps_offset",
+    "prediction_type",
+    "timestep_spacing",
+)
+"""Scheduler options that change the DDIM trajectory; records made before prediction_type and
+timestep_spacing were recorded are compared on the keys they have."""
+
+
 def scheduler_identity(scheduler) -> dict[str, Any]:
-    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "set_alpha_to_one", "steps_offset")
-    return {k: scheduler.config[k] for k in keys}
+    config = scheduler.config
+    defaults = {"prediction_type": "epsilon", "timestep_spacing": "leading"}
+    return {k: config.get(k, defaults.get(k)) for k in SCHEDULER_IDENTITY_KEYS}
 
 
 def check_compatible(inv: Inversion, model, label: str = "inversion") -> None:
-    """Raises ``IncompatibleInversionError`` if ``model`` is not the model/scheduler that made ``inv``."""
+    """Raises ``IncompatibleInversionError`` if ``model`` is not the model/scheduler that made ``inv``.
+
+    The family and prediction type are checked first (a v-prediction inversion replayed by an ε model — or
+    the reverse — would read its null embeddings as the wrong quantity), then the weights' fingerprint, then
+    the scheduler options."""
+    family = getattr(model, "family", None)
+    made_family, made_pt = inv.meta.get("family"), inv.meta.get("prediction_type")
+    if family is not None and (
+        (made_family is not None and made_family != family.name)
+        or (made_pt is not None and made_pt != family.prediction_type)
+    ):
+        raise IncompatibleInversionError(
+            f"{label} was made with model family {made_family} ({made_pt}, {inv.meta.get('model_source')!r}) "
+            f"but the model given is family {family.name} ({family.prediction_type}, {model.source!r}); "
+            "an inversion only reconstructs with the model family and weights that made it. Load that model."
+        )
     made_with = inv.meta.get("model_fingerprint")
     if made_with is not None and made_with != model.fingerprint:
         raise IncompatibleInversionError(
@@ -109,8 +140,9 @@ def check_compatible(inv: Inversion, model, label: str = "inversion") -> None:
             "reconstruct the image with the model that optimised them. Load that model instead."
         )
     sched = inv.meta.get("scheduler")
-    if sched is not None and sched != scheduler_identity(model.scheduler):
+    now = scheduler_identity(model.scheduler)
+    if sched is not None and any(sched[k] != now.get(k) for k in sched):
         raise IncompatibleInversionError(
             f"{label} was made with scheduler {sched} but the model's scheduler is "
-            f"{scheduler_identity(model.scheduler)}; use the scheduler the inversion was made with."
+            f"{ {k: now.get(k) for k in sched} }; use the scheduler the inversion was made with."
         )

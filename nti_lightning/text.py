@@ -3,6 +3,10 @@
 As the authors: ψ("") is padded to the tokenizer's max length (77) without truncation; the prompt is
 padded and truncated to the same length. Unlike them, a prompt longer than the limit is an error instead of
 a silent truncation (the dropped words would misalign any Prompt-to-Prompt word indices).
+
+Padding is the tokenizer's own pad token, as ``StableDiffusionPipeline.encode_prompt``: CLIP's
+<|endoftext|> for SD1.x, OpenCLIP's "!" (token 0, ≠ the end token) for SD2.x — so ψ("") of SD2 is
+[start, end, !, …, !]. The length limit counts the start and end tokens, whatever the padding.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ centre crops resized bicubically to 128 px; none is used for training (``scripts
 
     python scripts/measure_tiny.py                                # print
     python scripts/measure_tiny.py --write docs/tiny_model.md     # and replace the measured block there
+    python scripts/measure_tiny.py --model tiny-sd2-v --block sd2 --write docs/tiny_model.md   # the SD2-v model
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_data as td  # noqa: E402
 
 START, END = "<!-- measure_tiny:start -->", "<!-- measure_tiny:end -->"
+
+
+def markers(block: str | None) -> tuple[str, str]:
+    """The measured block's delimiters: the default one, or ``<!-- measure_tiny:NAME:start -->`` …"""
+    return (START, END) if not block else (f"<!-- measure_tiny:{block}:start -->", f"<!-- measure_tiny:{block}:end -->")
 
 
 @torch.no_grad()
@@ -139,6 +145,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", type=Path, help="markdown file whose measured block to replace")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--block", help="name of the measured block to replace (default: the unnamed one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,6 +157,7 @@ def main() -> None:
     nti_rows = [] if args.vae_only else measure_nti(model, args.steps)
     seconds = time.time() - start
     command = "python scripts/measure_tiny.py" + (f" --model {args.model}" if args.model != "tiny" else "")
+    command += f" --block {args.block}" if args.block else ""
     command += (f" --steps {args.steps}" if args.steps != 20 else "") + (" --vae-only" if args.vae_only else "")
     if args.write:
         command += f" --write {args.write}"
@@ -158,11 +166,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"vae": vae_rows, "nti": nti_rows, "seconds": seconds}, indent=1))
     if args.write:
+        start, end = markers(args.block)
         doc = args.write.read_text()
-        if START not in doc or END not in doc:
-            raise SystemExit(f"{args.write} has no {START} … {END} block")
-        head, rest = doc.split(START, 1)
-        args.write.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+        if start not in doc or end not in doc:
+            raise SystemExit(f"{args.write} has no {start} … {end} block")
+        head, rest = doc.split(start, 1)
+        args.write.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ colour scenes; the evaluation photographs are held out):
    that classifier-free guidance has an unconditional branch to push away from.
 4. Text encoder: seeded random (``build_random_components``) and frozen.
 
-``--family sd2`` / ``--family sdxl`` reuse the tokenizer, text encoder and VAE of an SD1 folder (``--base``,
-default the shipped one) and train only a UNet of that family's layout (``tiny.SD2_UNET_CONFIG``:
-v-prediction, linear-projection transformers, per-block head counts; ``tiny.SDXL_UNET_CONFIG``: two text
-encoders, ``addition_embed_type="text_time"`` with pooled text and ``add_time_ids``), written to
-``assets/tiny_sd2`` / ``assets/tiny_sdxl`` as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``.
+``--family sd2`` / ``--family sdxl`` reuse the vocabulary and VAE of an SD1 folder (``--base``, default the
+shipped one) and train only a UNet of that family's layout (``tiny.SD2_UNET_CONFIG``: v-prediction,
+linear-projection transformers, per-block head counts, on its own seeded random GELU text encoder of width 48
+(``tiny.SD2_TEXT_ENCODER_CONFIG``) and a tokenizer padding with "!" like OpenCLIP's; ``tiny.SDXL_UNET_CONFIG``:
+two text encoders, ``addition_embed_type="text_time"`` with pooled text and ``add_time_ids``), written to
+``assets/tiny_sd2`` (``load_model("tiny-sd2-v")``) / ``assets/tiny_sdxl`` as a ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline``.
 
 At the end the script checks, on each held-out demo sample, DDIM inversion with w = 1 followed by sampling
 with w = 1 and with w = 7.5 (no NTI). ``scripts/measure_tiny.py`` measures the VAE and NTI itself.
@@ -542,7 +544,7 @@ def main() -> None:
     else:
         tok_dir = args.base / "tokenizer"
         print(f"1. tokenizer and VAE from {args.base}", flush=True)
-    tokenizer = tiny.build_tokenizer(tok_dir)
+    tokenizer = tiny.build_tokenizer(tok_dir, pad_token=tiny.SD2_PAD_TOKEN if family == "sd2" else tiny.EOS_TOKEN)
     vae = None
     if family != "sd1":
         from diffusers import AutoencoderKL

@@ -1,9 +1,12 @@
 """``load_model``: one entry point for every kind of Stable Diffusion the package inverts with.
 
-The embedded default ("tiny") is itself a diffusers folder shipped inside the package, so it loads through
-exactly the same path as a real SD1.x folder. The scheduler is always a DDIM scheduler with the authors'
-settings (clip_sample=False, set_alpha_to_one=False, steps_offset=1 — what StableDiffusionPipeline
-enforces), with the betas of the model's own scheduler config.
+The embedded models ("tiny" = SD1-shaped ε-prediction, "tiny-sd2-v" = SD2-shaped v-prediction) are
+themselves diffusers folders shipped inside the package, so they load through exactly the same path as a
+real SD1.x / SD2.x folder. The family (``family.py``) is read off the component configs; the scheduler is
+always a DDIM scheduler built from the model's own scheduler config (betas, ``timestep_spacing``,
+``steps_offset``, ``set_alpha_to_one``, ``prediction_type`` as the model gives them, after the fix-ups
+``StableDiffusionPipeline`` applies when loading: ``steps_offset`` 1, ``clip_sample`` False), and options the
+DDIM arithmetic here does not implement are refused (``detect.check_scheduler_config``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.models.family import SD1, Family
+from nti_lightning.models.detect import ModelFolderError, check_scheduler_config, inspect_folder
+from nti_lightning.models.family import Family, family_from_configs
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+TINY_DIR = ASSETS_DIR / "tiny"
+EMBEDDED = {"tiny": TINY_DIR, "tiny-sd2-v": ASSETS_DIR / "tiny_sd2"}
+"""Names of the embedded models → their diffusers folders inside the package."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -36,13 +43,18 @@ class NTIModel:
     """Where the weights came from ("tiny", a folder, a file, a hub id)."""
     fingerprint: str = field(default="")
     """Hash of the component configs and a sample of the weights; inversions record it."""
-    family: Family = SD1
-    """What differs between Stable Diffusion variants: conditioning, the null, what NTI optimises."""
+    family: Family | None = None
+    """What differs between Stable Diffusion variants (conditioning, the null, the prediction type, sizes);
+    read off the component configs when not given."""
 
     def __post_init__(self) -> None:
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)  # frozen: backward fills no weight gradients
             m.eval()
+        if self.family is None:
+            self.family = family_from_configs(
+                dict(self.unet.config), dict(self.vae.config), dict(self.scheduler.config), self.context_length
+            )
         if not self.fingerprint:
             self.fingerprint = compute_fingerprint(self)
 
@@ -55,17 +67,25 @@ class NTIModel:
         return next(self.unet.parameters()).dtype
 
     @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor
 
     @property
     def native_image_size(self) -> int:
-        """unet.sample_size × VAE factor: 512 for SD1.x, 128 for the tiny model."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """unet.sample_size × VAE factor: 512 for SD1.x, 768 for SD2 768-v, 128 for the tiny models."""
+        return self.family.native_image_size
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return self.family.scaling_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.family.prediction_type
 
     @cached_property
     def pipeline(self):
@@ -89,26 +109,73 @@ class NTIModel:
         return self
 
 
-def ddim_scheduler_from(config) -> object:
-    """The authors' DDIM scheduler with the betas of ``config`` (any diffusers scheduler config)."""
+def ddim_scheduler_from(config, source: str = "model") -> object:
+    """A DDIM scheduler with the options of ``config`` (any diffusers scheduler config), checked first.
+
+    ``clip_sample`` is off, as ``StableDiffusionPipeline`` enforces; everything else is the model's."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(
-        config, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"
-    )
+    check_scheduler_config(dict(config), source)
+    return DDIMScheduler.from_config(config, clip_sample=False)
 
 
 def model_from_components(unet, vae, text_encoder, tokenizer, scheduler, source: str = "components") -> NTIModel:
-    if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(
-            f"model {source}: prediction_type={scheduler.config.prediction_type!r} is not supported; "
-            "Null-text Inversion here needs an ε-prediction model (SD1.x, SD2-base)"
+    """An ``NTIModel`` of loaded components; the family is read off their configs (``ValueError`` if none fits)."""
+    sched = ddim_scheduler_from(scheduler.config, source=f"model {source}")
+    try:
+        family = family_from_configs(
+            dict(unet.config), dict(vae.config), dict(sched.config), int(tokenizer.model_max_length)
         )
-    return NTIModel(unet, vae, text_encoder, tokenizer, ddim_scheduler_from(scheduler.config), source=source)
+    except ValueError as e:
+        raise ModelFolderError(f"model {source}: {e}") from e
+    return NTIModel(unet, vae, text_encoder, tokenizer, sched, source=source, family=family)
 
 
 class ModelNotFoundError(FileNotFoundError):
     """``model.spec`` names no model that can be loaded here (a path that is not there, no hub)."""
+
+
+def _quiet_libraries() -> None:
+    """A quiet console: no per-component progress bars or notices from diffusers / transformers."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+def _from_folder(folder: Path, kwargs: dict):
+    """A checked diffusers folder (``detect.inspect_folder``, scheduler options first) → the pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    info = inspect_folder(folder)
+    check_scheduler_config(info.scheduler, f"model {folder}")
+    try:  # refuses SDXL / inpainting UNets before any weight is read
+        family_from_configs(info.unet, info.vae, info.scheduler, 77)
+    except ValueError as e:
+        raise ModelFolderError(f"model {folder}: {e}") from e
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def _from_single_file(path: Path, config_dir, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    extra = {}
+    if config_dir is not None:
+        info = inspect_folder(config_dir)  # the configs the checkpoint's weights are read into
+        check_scheduler_config(info.scheduler, f"model config {config_dir}")
+        extra = {"config": str(config_dir), "local_files_only": True}
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **extra, **kwargs)
+    except Exception as e:  # diffusers raises many kinds here; say what to do
+        raise RuntimeError(
+            f"could not load single-file checkpoint {path}: {e}. Offline, pass config_dir= a diffusers folder "
+            "with the matching model configs (an SD1.x or SD2.x folder: for a 768-v checkpoint one whose "
+            "scheduler has prediction_type v_prediction)."
+        ) from e
 
 
 def load_model(
@@ -117,57 +184,39 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     config_dir: str | os.PathLike | None = None,
 ) -> NTIModel:
-    """Loads a Stable Diffusion model for inversion.
+    """Loads a Stable Diffusion 1.x / 2.x model for inversion; the family is detected (``model.family``).
 
-    spec: "tiny" (the embedded default), a local diffusers folder (``save_pretrained`` layout), a single-file
-    checkpoint (.safetensors/.ckpt; ``config_dir`` names a diffusers folder with the matching configs, needed
-    offline), or a hub id (only where the machine can reach a hub).
+    spec: an embedded name ("tiny", "tiny-sd2-v"), a local diffusers folder (``save_pretrained`` layout), a
+    single-file checkpoint (.safetensors/.ckpt; ``config_dir`` names a diffusers folder with the matching
+    configs, needed offline), or a hub id (only where the machine can reach a hub). Unloadable folders and
+    unsupported models or scheduler options raise one-line errors saying why.
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    for lib in (diffusers_logging, transformers_logging):  # a quiet console: no per-component bars or notices
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
-
+    _quiet_libraries()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
     kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
-    if spec_str == "tiny":
-        path, source = TINY_DIR, "tiny"
+    if spec_str in EMBEDDED:
+        path, source = EMBEDDED[spec_str], spec_str
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"the embedded tiny model is missing from {path}; reinstall nti_lightning")
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+            raise FileNotFoundError(f"the embedded model {spec_str!r} is missing from {path}; reinstall nti_lightning")
+        pipe = _from_folder(path, kwargs)
     elif Path(spec_str).is_dir():
         source = str(Path(spec_str).resolve())
-        if not (Path(spec_str) / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{spec_str} is a folder but has no model_index.json; expected a diffusers folder written by "
-                "save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-            )
-        pipe = StableDiffusionPipeline.from_pretrained(spec_str, local_files_only=True, **kwargs)
+        pipe = _from_folder(Path(spec_str), kwargs)
     elif Path(spec_str).suffix in (".safetensors", ".ckpt"):
-        if not Path(spec_str).is_file():
-            raise FileNotFoundError(f"checkpoint {spec_str} does not exist")
         source = str(Path(spec_str).resolve())
-        extra = {"config": str(config_dir), "local_files_only": True} if config_dir else {}
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(spec_str, **extra, **kwargs)
-        except Exception as e:  # diffusers raises many kinds here; say what to do
-            raise RuntimeError(
-                f"could not load single-file checkpoint {spec_str}: {e}. Offline, pass config_dir= a diffusers "
-                "folder with the matching model configs (e.g. a local copy of stable-diffusion-v1-5)."
-            ) from e
+        pipe = _from_single_file(Path(spec_str), config_dir, kwargs)
     else:
         source = spec_str
         try:
             pipe = StableDiffusionPipeline.from_pretrained(spec_str, **kwargs)
         except Exception as e:
             raise ModelNotFoundError(
-                f"could not load model {spec_str!r}: it is not 'tiny', a local folder or a .safetensors/.ckpt "
-                f"file, and loading it as a hub id failed ({type(e).__name__}: {e}). Without a hub, download "
-                "the model elsewhere and pass its local folder."
+                f"could not load model {spec_str!r}: it is not one of {sorted(EMBEDDED)}, a local folder or a "
+                f".safetensors/.ckpt file, and loading it as a hub id failed ({type(e).__name__}: {e}). Without "
+                "a hub, download the model elsewhere and pass its local folder."
             ) from e
     model = model_from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source)
     if device is not None and torch.device(device) != model.device:  # .to() on the same device only warns

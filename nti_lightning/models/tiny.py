@@ -14,12 +14,14 @@ Diffusion v1.4 (Mokady et al. 2023 use it for Null-text Inversion) run unchanged
 ``assets/tiny/`` holds these components with weights trained by ``scripts/train_tiny.py`` (see the README
 there); ``build_random_components`` gives the same architecture with seeded random weights for fast tests.
 
-The same script trains two more tiny families on the same VAE and tokenizer (``--family sd2|sdxl``), whose
-layouts are here too: ``SD2_UNET_CONFIG`` / ``SD2_SCHEDULER_CONFIG`` (SD2.x: linear-projection transformers,
-``attention_head_dim`` per block, v-prediction) and ``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the
-second with a projection, ``addition_embed_type="text_time"`` conditioning on pooled text and
-``add_time_ids``); ``build_random_family_components`` builds them. They are written to
-``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``).
+The same script trains two more tiny families on the same VAE and vocabulary (``--family sd2|sdxl``), whose
+layouts are here too: ``SD2_UNET_CONFIG`` / ``SD2_TEXT_ENCODER_CONFIG`` / ``SD2_SCHEDULER_CONFIG`` (SD2.x:
+linear-projection transformers, ``attention_head_dim`` per block, a wider GELU text encoder (48 = SD2's 1024
+scaled down as SD1's 768 → 32), a tokenizer padding with "!" as OpenCLIP's, v-prediction) and
+``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the second with a projection, ``addition_embed_type="text_time"``
+conditioning on pooled text and ``add_time_ids``); ``build_random_family_components`` builds them. They are
+written to ``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``);
+the trained SD2 one ships and loads as ``load_model("tiny-sd2-v")``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 TINY_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 """The shipped diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
 TINY_SD2_DIR: Path = TINY_DIR.parent / "tiny_sd2"
-"""Where ``train_tiny.py --family sd2`` writes the SD2-v-shaped tiny model (a StableDiffusionPipeline folder)."""
+"""The shipped SD2-v-shaped tiny model ``tiny-sd2-v`` (a StableDiffusionPipeline folder written by
+``train_tiny.py --family sd2``)."""
 TINY_SDXL_DIR: Path = TINY_DIR.parent / "tiny_sdxl"
 """Where ``train_tiny.py --family sdxl`` writes the SDXL-shaped tiny model (a StableDiffusionXLPipeline folder)."""
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -78,8 +81,14 @@ UNET_CONFIG: dict[str, Any] = {
     "freq_shift": 0,
 }
 
+SD2_TEXT_HIDDEN_SIZE = 48
+"""SD2.x's OpenCLIP ViT-H text width (1024) scaled down by the same factor as SD1's CLIP width (768 → 32)."""
+SD2_PAD_TOKEN = "!"
+"""SD2.x's OpenCLIP tokenizer pads with "!" (token 0), not with <|endoftext|> as CLIP does."""
+
 SD2_UNET_CONFIG: dict[str, Any] = {
     **UNET_CONFIG,
+    "cross_attention_dim": SD2_TEXT_HIDDEN_SIZE,
     "attention_head_dim": (2, 4, 8, 8),  # SD2.x gives one value per block ((5, 10, 20, 20)): 8 channels a head
     "use_linear_projection": True,  # SD2.x's transformers project in/out with Linear instead of 1×1 Conv
     "upcast_attention": False,
@@ -138,6 +147,14 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "pad_token_id": EOS_TOKEN_ID,
 }
 
+SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    **TEXT_ENCODER_CONFIG,
+    "hidden_size": SD2_TEXT_HIDDEN_SIZE,
+    "intermediate_size": 4 * SD2_TEXT_HIDDEN_SIZE,
+    "hidden_act": "gelu",  # OpenCLIP ViT-H, as SD2.x's text encoder (diffusers keeps its first 23 of 24 layers)
+    "pad_token_id": 0,  # "!" (SD2_PAD_TOKEN) is the first byte symbol of the vocabulary, as in OpenCLIP's
+}
+
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -177,11 +194,12 @@ FAMILY_DIR = {"sd1": TINY_DIR, "sd2": TINY_SD2_DIR, "sdxl": TINY_SDXL_DIR}
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
+def build_tokenizer(path: str | Path | None = None, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """Loads the shipped BPE tokenizer (``vocab.json`` + ``merges.txt``) as a ``CLIPTokenizer``.
 
     ``path`` defaults to ``TINY_DIR / "tokenizer"``. Lower-casing, CLIP's word split and the ``</w>``
     end-of-word suffix come from ``CLIPTokenizer`` itself; prompts are padded and truncated to 77 tokens.
+    ``pad_token``: CLIP's ``<|endoftext|>`` (SD1.x) or OpenCLIP's ``"!"`` (``SD2_PAD_TOKEN``, SD2.x).
     """
     folder = Path(path) if path is not None else TINY_DIR / "tokenizer"
     for name in ("vocab.json", "merges.txt"):
@@ -195,7 +213,7 @@ def build_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
         merges=merges,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         unk_token=EOS_TOKEN,
         model_max_length=MAX_TEXT_LENGTH,
     )
@@ -244,18 +262,25 @@ def build_random_family_components(
 
     sd1 and sd2 give ``StableDiffusionPipeline`` components; sdxl gives ``StableDiffusionXLPipeline``'s
     (``text_encoder`` = CLIPTextModel, ``text_encoder_2`` = CLIPTextModelWithProjection, both tokenizers the
-    shipped one). For sd1 this equals ``build_random_components`` except for a passed-in ``vae``.
+    shipped one). For sd1 this equals ``build_random_components`` except for a passed-in ``vae``. sd2 has
+    its own wider, GELU text encoder (``SD2_TEXT_ENCODER_CONFIG``) and a tokenizer padding with "!" (the
+    default ``tokenizer`` is the shipped one with ``pad_token=SD2_PAD_TOKEN``).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     from diffusers import DDIMScheduler as _DDIM
     from transformers import CLIPTextModelWithProjection
 
+    if tokenizer is None and family == "sd2":
+        tokenizer = build_tokenizer(pad_token=SD2_PAD_TOKEN)
     base = build_random_components(seed, tokenizer=tokenizer)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**copy.deepcopy(FAMILY_UNET_CONFIG[family]))
+        if family == "sd2":
+            torch.manual_seed(seed + 2)
+            base["text_encoder"] = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_ENCODER_CONFIG)).eval()
         torch.manual_seed(seed + 3)
         text_encoder_2 = (
             CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)) if family == "sdxl" else None

@@ -140,7 +140,9 @@ class Worker:
 
     def build(self, load_model) -> None:
         cfg = self.cfg
-        self.model = load_model(cfg.model.spec, device=self.fabric.device, dtype=cfg.model.dtype)
+        self.model = load_model(
+            cfg.model.spec, device=self.fabric.device, dtype=cfg.model.dtype, config_dir=cfg.model.config_dir
+        )
         if cfg.model.compile != "none":  # after the fingerprint was taken; attribute access passes through
             self.model.unet = torch.compile(self.model.unet, mode=cfg.model.compile)
         self.runtime = Runtime(self.fabric)
