@@ -147,6 +147,9 @@ def cmd_eval(args) -> int:
         print(f"nti eval: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     print(f"{result['done']} pair(s) evaluated, {result['skipped']} already done → {cfg.out}/summary.md")
+    if result["failed"]:
+        print(f"{len(result['failed'])} pair(s) failed (see the log); a rerun retries them", file=sys.stderr)
+        return EXIT_SOME_FAILED
     return EXIT_OK
 
 

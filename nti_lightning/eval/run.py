@@ -36,6 +36,7 @@ from PIL import Image
 
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.config import InversionConfig
+from nti_lightning.ddim import schedule_from_scheduler
 from nti_lightning.eval import report
 from nti_lightning.eval.config import EvalConfig
 from nti_lightning.eval.metrics import Backbones, Nets, load_nets, lpips, pie_metrics, psnr, ssim
@@ -46,8 +47,10 @@ from nti_lightning.p2p.edit import EditSpec, edit_batch
 from nti_lightning.run.files import atomic_save_image, atomic_write_bytes
 from nti_lightning.run.identity import identity_diff
 from nti_lightning.run.items import is_mine
-from nti_lightning.sampling import decode_latents
+from nti_lightning.runtime import Runtime
+from nti_lightning.sampling import ddim_sample, decode_latents
 from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
+from nti_lightning.step_guidance import record_guidance
 
 Log = Callable[[str], None]
 
@@ -123,13 +126,33 @@ def edit_spec(entry: PieEntry, tokenizer, cfg: EvalConfig, plain: bool = False) 
     )
 
 
-def run_edit(model, inv, entry: PieEntry, cfg: EvalConfig, log: Log):
-    """The P2P edit; the plain fallback (logged, recorded) if the entry's words do not fit the prompts."""
+def run_edit(model, inv, entry: PieEntry, cfg: EvalConfig, log: Log) -> tuple[torch.Tensor, str, str | None]:
+    """The P2P edit → (latents [source, target], mode, fallback reason). If the entry's words do not fit the
+    prompts: refine without local blend; if even that cannot align them (a deletion: the target lacks source
+    words), the target prompt sampled from the record without attention control (mode "none")."""
     try:
-        return edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg)]), None
+        result = edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg)])
+        return result.latents, result.modes[0], None
     except (AlignmentError, WordNotInPromptError) as e:
-        log(f"{entry.entry_id}: {e}; edited with refine, no local blend")
-        return edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg, plain=True)]), str(e)
+        reason = str(e)
+    try:
+        result = edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg, plain=True)])
+        log(f"{entry.entry_id}: {reason}; edited with refine, no local blend")
+        return result.latents, result.modes[0], reason
+    except AlignmentError:
+        log(f"{entry.entry_id}: {reason}; no P2P alignment: the target prompt sampled without attention control")
+        return uncontrolled_edit(model, inv, entry.target_prompt), "none", reason
+
+
+def uncontrolled_edit(model, inv, target: str) -> torch.Tensor:
+    """[source, target] sampled from the record with its nulls and step guidance, no attention control."""
+    schedule = schedule_from_scheduler(model.scheduler, inv.num_steps)
+    z_T = inv.z_T[None].expand(2, -1, -1, -1).to(model.device)
+    cond = model.family.encode_prompts(model, [inv.prompt, target])
+    nulls = [{k: v.expand(2, *v.shape[1:]) for k, v in inv.null(i, model).items()} for i in range(inv.num_steps)]
+    w = inv.meta["hyperparameters"]["guidance_scale"]
+    denoise = Runtime().denoiser(model.unet, model.family)
+    return ddim_sample(denoise, schedule, z_T, cond, nulls, w, None, record_guidance([inv], 2, edit=True)).cpu()
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -152,16 +175,16 @@ def finish_pair(ctx: dict, entry: PieEntry, method: str, inv, seconds_invert: fl
     model, cfg, out, log = ctx["model"], ctx["cfg"], ctx["out"], ctx["log"]
     recon = to_unit(decode_latents(model, reconstruction_latents(model, [inv]))[0])
     t0 = time.perf_counter()
-    result, fallback = run_edit(model, inv, entry, cfg, log)
+    latents, mode, fallback = run_edit(model, inv, entry, cfg, log)
     seconds_edit = time.perf_counter() - t0
-    edited = to_unit(decode_latents(model, result.latents[1:2].to(model.device))[0])
+    edited = to_unit(decode_latents(model, latents[1:2].to(model.device))[0])
     source = ctx["sources"][entry.entry_id]
     rec = {"id": entry.entry_id, "method": method, "editing_type_id": entry.editing_type_id}
     rec.update(measure(source, recon, edited, entry, ctx["nets"]))
     calls_invert = int(sum(inv.meta["unet_calls"].values()))
     calls_edit = cfg.num_ddim_steps * 2 * 2  # T steps × [source, target] × [∅, C]
     rec.update(
-        mode=result.modes[0], seconds=seconds_invert + seconds_edit, seconds_invert=seconds_invert,
+        mode=mode, seconds=seconds_invert + seconds_edit, seconds_invert=seconds_invert,
         seconds_edit=seconds_edit, unet_calls=calls_invert + calls_edit, unet_calls_invert=calls_invert,
         worker=cfg.worker,
     )  # fmt: skip
@@ -199,10 +222,15 @@ def run_method(ctx: dict, method: str, pending: list[PieEntry]) -> int:
     done = 0
     for event in engine.run(admissions()):
         if isinstance(event, Failed):
+            ctx["failed"].append((event.tag, method))
             log(f"{event.tag} {method}: failed ({event.error}); it is retried on a rerun")
         elif isinstance(event, Finished):
-            finish_pair(ctx, by_id[event.tag], method, event.inversion, time.perf_counter() - started[event.tag])
-            done += 1
+            try:
+                finish_pair(ctx, by_id[event.tag], method, event.inversion, time.perf_counter() - started[event.tag])
+                done += 1
+            except Exception as e:  # noqa: BLE001 — one pair's failure must not stop the others
+                ctx["failed"].append((event.tag, method))
+                log(f"{event.tag} {method}: failed ({type(e).__name__}: {e}); it is retried on a rerun")
     return done
 
 
@@ -243,7 +271,7 @@ class _ToLog(logging.Handler):
 
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False, log: Log = _stderr) -> dict:
-    """Steps 1–6 (module docstring). Returns {"done": pairs finished now, "skipped": pairs done before, "summary"}."""
+    """Steps 1–6 (module docstring). → {"done": pairs finished now, "skipped": done before, "failed", "summary"}."""
     from nti_lightning.models import load_model
 
     handler = _ToLog(log)
@@ -264,13 +292,13 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False, log: Log = _stderr) -> di
         size = cfg.image_size or model.native_image_size
         pixels = {e.entry_id: prepare_image(e.image_file, size, name=str(e.image_file)) for e in entries}
         ctx = {"model": model, "cfg": cfg, "out": out, "log": log, "nets": nets, "size": size, "pixels": pixels,
-               "sources": {k: to_unit(v) for k, v in pixels.items()}}  # fmt: skip
+               "sources": {k: to_unit(v) for k, v in pixels.items()}, "failed": []}  # fmt: skip
         done = sum(run_method(ctx, m, todo[m]) for m in cfg.methods if todo[m])  # 4
         if cfg.strips:
             log(f"{write_strips(out, entries, cfg.methods, ctx['sources'])} strip(s) → {out / 'strips'}")  # 5
         summary = report.write_summary(out)  # 6
         log(f"summary of {len(report.read_records(out))} record(s) → {out / 'summary.md'}")
-        return {"done": done, "skipped": skipped, "summary": summary}
+        return {"done": done, "skipped": skipped, "failed": ctx["failed"], "summary": summary}
     finally:
         logging.getLogger("nti_lightning.eval").removeHandler(handler)
 
