@@ -25,7 +25,7 @@ def image(sample_images):
 @pytest.fixture(scope="module")
 def records(tiny_model, image):
     """One record per method of the same image (tiny model, native size, T = 5)."""
-    return {m: invert(tiny_model, [image], [PROMPT], method=m, num_inner_steps=3, **FAST)[0] for m in METHODS4}
+    return {m: invert(tiny_model, [image], [PROMPT], method=m, **FAST)[0] for m in METHODS4}
 
 
 def _engine_run(model, image, method, **kw):

@@ -17,9 +17,9 @@
 
 The edit (Ju et al. 2024, ``run_editing_p2p.py``): source and target prompt without ``[ ]``, w = 7.5,
 cross-attention injected for the first 40% of the steps and self-attention for 60%; word swap ("replace") when
-the prompts have as many tokens, else "refine"; ``blended_word`` "src tgt" → local blend on both words and the
-target word's attention ×2. Seconds and UNet calls per image count the inversion and the edit (not the
-reconstruction, which is this evaluation's, not the method's).
+the prompts have as many words (P2P's rule: a multi-token word maps as a whole), else "refine"; ``blended_word``
+"src tgt" → local blend on both words and the target word's attention ×2. Seconds and UNet calls per image count
+the inversion and the edit (not the reconstruction, which is this evaluation's, not the method's).
 """
 
 from __future__ import annotations
@@ -110,15 +110,13 @@ def claim_folder(out: Path, identity: dict, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def edit_spec(entry: PieEntry, tokenizer, cfg: EvalConfig, plain: bool = False) -> EditSpec:
+def edit_spec(entry: PieEntry, cfg: EvalConfig, plain: bool = False) -> EditSpec:
     """PIE-Bench's P2P edit of ``entry``; ``plain``: refine without local blend or re-weighting (the fallback
     when the entry's words cannot be found or aligned)."""
-    src, tgt = entry.source_prompt, entry.target_prompt
-    same_tokens = len(tokenizer(src).input_ids) == len(tokenizer(tgt).input_ids)
     words = entry.blended_words if len(entry.blended_words) == 2 and not plain else ()
     return EditSpec(
-        tgt,
-        mode="replace" if same_tokens and not plain else "refine",
+        entry.target_prompt,
+        mode=None if not plain else "refine",  # None: P2P's rule, replace when the prompts align word for word
         cross_replace_steps=cfg.cross_replace_steps,
         self_replace_steps=cfg.self_replace_steps,
         blend_words=list(words) or None,
@@ -131,12 +129,12 @@ def run_edit(model, inv, entry: PieEntry, cfg: EvalConfig, log: Log) -> tuple[to
     prompts: refine without local blend; if even that cannot align them (a deletion: the target lacks source
     words), the target prompt sampled from the record without attention control (mode "none")."""
     try:
-        result = edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg)])
+        result = edit_batch(model, inv, [edit_spec(entry, cfg)])
         return result.latents, result.modes[0], None
     except (AlignmentError, WordNotInPromptError) as e:
         reason = str(e)
     try:
-        result = edit_batch(model, inv, [edit_spec(entry, model.tokenizer, cfg, plain=True)])
+        result = edit_batch(model, inv, [edit_spec(entry, cfg, plain=True)])
         log(f"{entry.entry_id}: {reason}; edited with refine, no local blend")
         return result.latents, result.modes[0], reason
     except AlignmentError:
