@@ -28,7 +28,7 @@ started again from a checkpointed ``Progress`` reaches the same ``yield`` it was
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -97,16 +97,22 @@ MAX_SKIPS_PER_STEP = 10
 """16-mixed: an image fails once its skipped steps exceed this many per inner step of its budget."""
 
 
-def null_text_inversion(slot: Slot, cfg: InversionConfig) -> Generator[Request, StepOutcome | None, None]:
-    """Algorithm 1 for the image in ``slot``; yields its UNet evaluations, receives an ``StepOutcome`` for
-    each INNER request (None for the others). Raises ``FloatingPointError`` when 16-mixed keeps overflowing."""
-    p, T, N = slot.progress, cfg.num_ddim_steps, cfg.num_inner_steps
-    # Lines 3–4: the pivot z*_0 → z*_T, DDIM inversion with w = 1 (the conditional branch only)
+def ddim_pivot(p: Progress, T: int, then: Callable[[], None]) -> Generator[Request, None, None]:
+    """Lines 3–4: the pivot z*_0 → z*_T, DDIM inversion with w = 1 (the conditional branch only), one PIVOT
+    request per step; ``then()`` runs once, right after the last step (a restart past it does not re-run it)."""
     while p.pivot_steps < T:
         yield Request(Kind.PIVOT, p.pivot_steps)
         p.pivot_steps += 1
         if p.pivot_steps == T:
-            slot.start_optimisation()  # line 6: z̄_T ← z*_T, ∅_T ← ψ("")
+            then()
+
+
+def null_text_inversion(slot: Slot, cfg: InversionConfig) -> Generator[Request, StepOutcome | None, None]:
+    """Algorithm 1 for the image in ``slot``; yields its UNet evaluations, receives an ``StepOutcome`` for
+    each INNER request (None for the others). Raises ``FloatingPointError`` when 16-mixed keeps overflowing."""
+    p, T, N = slot.progress, cfg.num_ddim_steps, cfg.num_inner_steps
+    # Lines 3–4: the pivot z*_0 → z*_T; then line 6: z̄_T ← z*_T, ∅_T ← ψ("")
+    yield from ddim_pivot(p, T, slot.start_optimisation)
     # Line 5: from here on w = cfg.guidance_scale (7.5)
     # Line 7: for t = T … 1 (i = 0 … T − 1)
     while p.i < T:

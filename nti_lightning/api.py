@@ -1,8 +1,9 @@
 """Public Python API: ``invert`` images, ``reconstruct`` them.
 
 ``invert`` feeds the images to the continuous-batching engine (``slots.SlotEngine``), which runs Algorithm 1
-of Mokady et al. (2023, ``algorithm.py``) for each; the dataset run behind ``nti invert`` (``run/``) drives
-the same engine over a stream with checkpoints and outputs.
+of Mokady et al. (2023, ``algorithm.py``) — or another inverter, ``method=`` (``inverters.py``) — for each;
+the dataset run behind ``nti invert`` (``run/``) drives the same engine over a stream with checkpoints and
+outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nti_lightning.models.family import cat_cond
 from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import ddim_sample, decode_latents
 from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
+from nti_lightning.step_guidance import record_guidance
 from nti_lightning.text import check_prompt
 
 
@@ -34,10 +36,11 @@ def invert(
     runtime: Runtime | None = None,
     **overrides,
 ) -> list[Inversion]:
-    """Null-text-inverts ``images`` (PIL images, arrays or paths) with their ``prompts``; one ``Inversion`` per
-    image, in order.
+    """Inverts ``images`` (PIL images, arrays or paths) with their ``prompts``; one ``Inversion`` per image, in
+    order. ``method=`` "nti" (Null-text Inversion, the default), "ddim", "npi", "proxnpi" or "direct"
+    (``InversionConfig.method``); every method gives the same record kind, with ``inv.method`` set.
 
-    ``overrides`` are ``InversionConfig`` fields (num_ddim_steps, guidance_scale, num_inner_steps,
+    ``overrides`` are ``InversionConfig`` fields (method, num_ddim_steps, guidance_scale, num_inner_steps,
     early_stop_epsilon, image_size, batch_size, …). Raises on bad input or a non-finite loss; the dataset
     runner (``nti invert``) records such images as failed and goes on instead.
     """
@@ -68,7 +71,8 @@ def invert(
 def reconstruction_latents(
     model, inversions: Sequence[Inversion], guidance_scale: float | None = None, runtime: Runtime | None = None
 ) -> torch.Tensor:
-    """Samples z̄_0 from each inversion's z_T with its null embeddings: → (B, C, h, w)."""
+    """Samples z̄_0 from each inversion's z_T with its null embeddings (and its method's step guidance, e.g.
+    Direct Inversion's corrections): → (B, C, h, w). The inversions must share one method's sampling."""
     runtime = runtime or Runtime()
     for inv in inversions:
         check_compatible(inv, model)
@@ -81,11 +85,12 @@ def reconstruction_latents(
     cond = model.family.encode_prompts(model, [inv.prompt for inv in inversions])
     nulls = [cat_cond([inv.null(i, model) for inv in inversions]) for i in range(T)]
     w = guidance_scale if guidance_scale is not None else inversions[0].meta["hyperparameters"]["guidance_scale"]
-    return ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w)
+    guidance = record_guidance(inversions, rows_per_image=1, edit=False)
+    return ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, guidance=guidance)
 
 
 def reconstruct(model, inversion: Inversion, guidance_scale: float | None = None) -> Image.Image:
-    """The NTI reconstruction of one inversion as a PIL image."""
+    """The reconstruction of one inversion (NTI's, or its method's) as a PIL image."""
     z0 = reconstruction_latents(model, [inversion], guidance_scale)
     return tensor_to_image(decode_latents(model, z0)[0])
 

@@ -9,6 +9,7 @@ another rank that this process launched failed); 2 configuration error, an outpu
 settings, or one in use by another run; 75 preempted by SIGTERM/SIGUSR1/SIGUSR2 with the state saved, on any
 rank (rerun to resume); 130 Ctrl-C, state saved.
   nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
+  nti eval DIR --methods ddim,nti,npi,proxnpi,direct --out OUT [...]   (PIE-Bench-format comparison, docs/eval.md)
 
 ``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
 Overrides are OmegaConf dotlist keys of ``RunConfig`` (``inversion.num_inner_steps=5``,
@@ -35,6 +36,7 @@ from nti_lightning.exit_codes import (
 def build_parser() -> argparse.ArgumentParser:
     from nti_lightning import __version__
     from nti_lightning.edit_args import add_edit_subparser
+    from nti_lightning.eval.config import add_eval_subparser
 
     parser = argparse.ArgumentParser(prog="nti", description="Null-text Inversion and Prompt-to-Prompt editing")
     parser.add_argument("--version", action="version", version=f"nti_lightning {__version__}")
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the output folder of an `nti invert` run (its --output)")
 
     add_edit_subparser(sub)
+    add_eval_subparser(sub)
     parser.commands = sub.choices  # name → its parser: errors in a command's arguments show that command's usage
     return parser
 
@@ -137,6 +140,28 @@ def exit_status(summary, quiet: bool = False) -> int:
     return code
 
 
+def cmd_eval(args) -> int:
+    from nti_lightning.eval.config import config_from_args
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"nti eval: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from nti_lightning.eval.run import EvalFolderMismatch, run_eval
+
+    try:
+        result = run_eval(cfg, overwrite=args.overwrite)
+    except EvalFolderMismatch as e:
+        print(f"nti eval: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"{result['done']} pair(s) evaluated, {result['skipped']} already done → {cfg.out}/summary.md")
+    if result["failed"]:
+        print(f"{len(result['failed'])} pair(s) failed (see the log); a rerun retries them", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
 def cmd_status(args) -> int:
     from nti_lightning.status import print_status
 
@@ -179,6 +204,8 @@ def dispatch(args) -> int:
         return cmd_invert(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     if args.command == "edit":
         from nti_lightning.p2p.cli import run_edit
 

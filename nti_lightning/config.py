@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from nti_lightning.methods import METHODS
+
 # ---------------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------------
@@ -45,10 +47,20 @@ class ModelConfig:
             )
 
 
+PROX_OPERATORS = ("l0", "l1")
+
+
 @dataclass
 class InversionConfig:
-    """Null-text Inversion hyperparameters (Algorithm 1); defaults are the authors'."""
+    """Inversion hyperparameters (Null-text Inversion's Algorithm 1 by default); defaults are the authors'."""
 
+    method: str = "nti"
+    """The inverter, each run by the same slot engine and giving the same record kind (``Inversion``):
+    "nti" Null-text Inversion (Mokady et al. 2023, the default); "ddim" the DDIM-inversion pivot alone with
+    the model's null ψ("") at every step; "npi" Negative-prompt Inversion (Miyake et al. 2023: ∅_t = ψ(P));
+    "proxnpi" NPI + proximal guidance at edit time (Han et al. 2023, the ``prox_*`` fields); "direct" Direct
+    Inversion (Ju et al. 2024: per-step corrections z*_{t−1} − z_{t−1} of the source branch, stored in the
+    record). Only "nti" optimises (``num_inner_steps`` and the learning-rate fields apply to it alone)."""
     num_ddim_steps: int = 50
     """T, the number of DDIM steps (timesteps 981, 961, …, 1 for SD1.x)."""
     guidance_scale: float = 7.5
@@ -80,8 +92,22 @@ class InversionConfig:
     """Reference mode: run every network call one image at a time inside the batched loop, so each image's
     numbers are bit-identical to inverting it alone (kernels round differently per batch size, and Adam's
     ε = 1e-8 turns ~1e-10 gradient noise on near-zero elements into ~1e-5 moves). No batching speed-up."""
+    prox_operator: str = "l0"
+    """method "proxnpi": the proximal operator on Δ = ε(C) − ε(∅) at edit time, "l0" or "l1" as the authors'
+    code (Han et al. 2023; their "l0" is Δ − clamp(Δ, −τ, τ)). Defaults: PIE-Bench's ProxNPI run."""
+    prox_quantile: float = 0.75
+    """method "proxnpi": τ = this quantile of |Δ| over the edit batch (a negative value: τ = −value)."""
+    prox_recon_t: int = 400
+    """method "proxnpi": inversion guidance at timesteps t < prox_recon_t (negative: t > −value)."""
+    prox_recon_lr: float = 1.0
+    """method "proxnpi": z ← z − lr·(z − z*_{t−1})·(1 − edit mask) after each edit step (1: snap to z*)."""
+    prox_dilate: int = 1
+    """method "proxnpi": the edit mask (|prox(Δ)| > τ) is max-pool dilated by this many latent pixels."""
 
     def __post_init__(self) -> None:
+        _check(self.method in METHODS, "inversion.method", self.method, f"must be one of {', '.join(METHODS)}")
+        _check(self.prox_operator in PROX_OPERATORS, "inversion.prox_operator", self.prox_operator, "must be l0 or l1")
+        _check(self.prox_dilate >= 0, "inversion.prox_dilate", self.prox_dilate, "must be >= 0")
         _check(self.num_ddim_steps >= 1, "inversion.num_ddim_steps", self.num_ddim_steps, "must be >= 1")
         _check(self.num_inner_steps >= 0, "inversion.num_inner_steps", self.num_inner_steps, "must be >= 0")
         _check(self.learning_rate > 0, "inversion.learning_rate", self.learning_rate, "must be > 0")

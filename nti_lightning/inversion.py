@@ -1,7 +1,10 @@
-"""The result of Null-text Inversion for one image, and its file format.
+"""The result of inverting one image — by Null-text Inversion or another method — and its file format.
 
 File: one ``.safetensors`` with the tensors and, in the header's metadata, a JSON record (prompt, model
-identity, scheduler, hyperparameters). Written atomically (temp file + rename).
+identity, scheduler, hyperparameters, method). Written atomically (temp file + rename). Every method
+(``inverters.py``) gives this one record kind; ``meta["method"]`` says which (files without it are "nti"),
+``meta["sampling"]`` what reconstruction and editing apply besides guidance (``step_guidance.py``), and the
+optional tensors what that needs (the pivot for proxnpi, the per-step corrections for direct).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
+OPTIONAL_TENSOR_FIELDS = ("trajectory", "corrections")
 
 
 class IncompatibleInversionError(ValueError):
@@ -26,7 +30,8 @@ class IncompatibleInversionError(ValueError):
 
 @dataclass
 class Inversion:
-    """Algorithm 1's output for one image, plus what is needed to use and audit it."""
+    """Algorithm 1's output for one image (or another method's, in the same shape), plus what is needed to use
+    and audit it."""
 
     z_T: torch.Tensor  # (C, h, w): z̄_T = z*_T, the start of reconstruction and editing
     null_embeddings: torch.Tensor  # (T, L, D): ∅_t for timesteps[i]
@@ -37,9 +42,16 @@ class Inversion:
     inner_steps: torch.Tensor  # (T,) long: Adam steps applied per timestep
     final_loss: torch.Tensor  # (T,) float: last inner-step loss per timestep
     meta: dict[str, Any] = field(default_factory=dict)
-    """model_source, model_fingerprint, family ("sd1", "sd2", "sd2-v"), prediction_type ("epsilon",
+    """model_source, model_fingerprint, method, family ("sd1", "sd2", "sd2-v"), prediction_type ("epsilon",
     "v_prediction"), scheduler, hyperparameters, image_size, image, precision, …"""
-    z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only)
+    z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only; None: not sampled)
+    trajectory: torch.Tensor | None = None  # (T + 1, C, h, w): z*_0 … z*_T (proxnpi's inversion guidance)
+    corrections: torch.Tensor | None = None  # (T, C, h, w): Direct Inversion's c_t = z*_{t−1} − z_{t−1}, per i
+
+    @property
+    def method(self) -> str:
+        """The inverter that made this record (``InversionConfig.method``); "nti" for files from before."""
+        return str(self.meta.get("method", "nti"))
 
     @property
     def num_steps(self) -> int:
@@ -66,7 +78,9 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
-        name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format) for name in TENSOR_FIELDS
+        name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
+        for name in TENSOR_FIELDS + OPTIONAL_TENSOR_FIELDS
+        if getattr(inv, name) is not None
     }
     record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -89,7 +103,8 @@ def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if record.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {record.get('format_version')} is not {FORMAT_VERSION}")
-    inv = Inversion(prompt=record["prompt"], meta=record["meta"], **{k: tensors[k] for k in TENSOR_FIELDS})
+    optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
+    inv = Inversion(prompt=record["prompt"], meta=record["meta"], **{k: tensors[k] for k in TENSOR_FIELDS}, **optional)
     if model is not None:
         check_compatible(inv, model, label=str(path))
     return inv

@@ -109,19 +109,25 @@ def ddim_sample(
     nulls: Cond | list[Cond],
     guidance_scale: float,
     callback: Callable[[int, Tensor], Tensor | None] | None = None,
+    guidance=None,
 ) -> Tensor:
     """Classifier-free guided DDIM sampling from z_T (the reconstruction / editing sampler).
 
     z_T: (B, C, h, w); cond: (B, …); nulls: one ∅_t per timestep (a list of T conditionings, as NTI returns)
     or one fixed null for every step. Each step is one UNet call on the batch [∅ half, C half] (the layout
     Prompt-to-Prompt controllers expect). ``callback(i, z)`` may return a replacement latent (local blend).
-    Returns z_0 (B, C, h, w).
+    ``guidance`` (a ``step_guidance.StepGuidance``, from the record) replaces the guided prediction and may change
+    the latent after each DDIM step, before the callback (proxnpi, direct). Returns z_0 (B, C, h, w).
     """
     z = z_T.float()
     for i, t in enumerate(schedule.timesteps):
         null = nulls[i] if isinstance(nulls, list) else nulls
         out_uncond, out_cond = denoiser(torch.cat([z, z]), t, cat_cond([null, cond])).chunk(2)  # (B, C, h, w)
-        z = ddim_step(schedule, z, classifier_free_guidance(out_uncond, out_cond, guidance_scale), int(t))
+        if guidance is None:
+            z = ddim_step(schedule, z, classifier_free_guidance(out_uncond, out_cond, guidance_scale), int(t))
+        else:
+            eps = guidance.combine(i, int(t), out_uncond, out_cond, guidance_scale)
+            z = guidance.after_step(i, int(t), ddim_step(schedule, z, eps, int(t)))
         if callback is not None:
             replaced = callback(i, z)
             if replaced is not None:

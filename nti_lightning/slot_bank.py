@@ -23,9 +23,11 @@ class SlotBank(L.LightningModule):
     (S, T, 77, D)); index i ↔ timesteps[i]. Buffers: trajectory (S, T + 1, C, h, w) with [:, k] = z*_k;
     z_bar (S, C, h, w) = z̄_t; cond_out (S, C, h, w) = the conditional prediction at z̄_t; cond_<key>
     (S, …) = ψ(P); null_<key> (1, …) = the model's null; adam_m_<k>, adam_v_<k> (S, …); inner_steps (S, T);
-    final_loss (S, T)."""
+    final_loss (S, T); with ``corrections`` (Direct Inversion) also corrections (S, T, C, h, w) = c_t."""
 
-    def __init__(self, num_slots: int, num_steps: int, latent_shape: tuple, null: Cond, learnable: tuple) -> None:
+    def __init__(
+        self, num_slots: int, num_steps: int, latent_shape: tuple, null: Cond, learnable: tuple, corrections=False
+    ) -> None:
         super().__init__()
         S, T = num_slots, num_steps
         self.keys, self.learnable = tuple(null), tuple(learnable)
@@ -43,6 +45,8 @@ class SlotBank(L.LightningModule):
             self.register_buffer(f"adam_v_{k}", torch.zeros(S, *null[k].shape[1:]))
         self.register_buffer("inner_steps", torch.zeros(S, T, dtype=torch.long))
         self.register_buffer("final_loss", torch.full((S, T), float("nan")))
+        if corrections:
+            self.register_buffer("corrections", torch.zeros(S, T, *latent_shape))
         self.adam_steps = torch.zeros(S, dtype=torch.long)  # host side: Adam's bias correction is computed there
 
     def cond(self, key: str) -> Tensor:

@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 
 from nti_lightning import __version__
-from nti_lightning.algorithm import Kind, Progress, Request, StepOutcome, null_text_inversion
+from nti_lightning.algorithm import Kind, Progress, Request, StepOutcome
 from nti_lightning.config import InversionConfig
 from nti_lightning.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
 from nti_lightning.inversion import Inversion, scheduler_identity
+from nti_lightning.inverters import get_inverter
 from nti_lightning.nulltext import DynamicLossScale
 from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import encode_latents
@@ -92,7 +93,7 @@ class _SlotState:
 
 
 class _SlotHandle:
-    """``algorithm.Slot`` for slot ``s``: the non-UNet parts of Algorithm 1 on the bank's rows."""
+    """``inverters.InverterSlot`` for slot ``s``: the non-UNet parts of the inverters on the bank's rows."""
 
     def __init__(self, engine: SlotEngine, s: int) -> None:
         self.engine, self.s = engine, s
@@ -112,6 +113,17 @@ class _SlotHandle:
         bank, s = self.engine.bank, self.s
         for k in bank.learnable:
             bank.null_embeddings[k][s, i + 1] = bank.null_embeddings[k][s, i]
+
+    def fill_nulls(self, source_prompt: bool) -> None:  # ddim: every ∅_t ← ψ(""); NPI: every ∅_t ← ψ(P)
+        bank, s = self.engine.bank, self.s
+        for k in bank.learnable:
+            bank.null_embeddings[k][s, :] = bank.cond(k)[s] if source_prompt else bank.null(k)[0]
+
+    def correct_to_pivot(self, i: int) -> None:  # Direct Inversion: c_t ← z*_{t−1} − z̄_{t−1}; z̄_{t−1} ← z*_{t−1}
+        bank, s = self.engine.bank, self.s
+        target = bank.trajectory[s, bank.trajectory.shape[1] - 2 - i]
+        bank.corrections[s, i] = target - bank.z_bar[s]
+        bank.z_bar[s] = target
 
 
 class SlotEngine:
@@ -140,11 +152,13 @@ class SlotEngine:
         self.num_slots = slots or 2 * rows - 1
         self.schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
         self.denoise = self.runtime.denoiser(model.unet, model.family, per_sample=cfg.batch_invariant)
+        self.inverter = get_inverter(cfg.method)
         size = image_size or cfg.image_size or model.native_image_size
         f = model.vae_scale_factor
         latent_shape = (int(model.unet.config.in_channels), size // f, size // f)
         null = self.family.null(model, 1)
-        self.bank = SlotBank(self.num_slots, cfg.num_ddim_steps, latent_shape, null, self.family.learnable)
+        T, learnable, corrections = cfg.num_ddim_steps, self.family.learnable, self.inverter.keeps_corrections
+        self.bank = SlotBank(self.num_slots, T, latent_shape, null, learnable, corrections)
         self.bank.to(model.device)
         self.slots: list[_SlotState | None] = [None] * self.num_slots
         self.tick = 0
@@ -153,6 +167,7 @@ class SlotEngine:
         self.image_size = size
         self._meta = {
             "nti_lightning_version": __version__,
+            "method": cfg.method,
             "model_source": model.source,
             "model_fingerprint": model.fingerprint,
             "family": self.family.name,
@@ -162,6 +177,8 @@ class SlotEngine:
             "image_size": size,
             "precision": self.runtime.precision,
         }
+        if self.inverter.sampling is not None:
+            self._meta["sampling"] = self.inverter.sampling(cfg)
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -229,7 +246,7 @@ class SlotEngine:
 
     def _start(self, s: int) -> None:
         st = self.slots[s]
-        st.gen = null_text_inversion(_SlotHandle(self, s), self.cfg)
+        st.gen = self.inverter.run(_SlotHandle(self, s), self.cfg)
         st.request = next(st.gen)
         st.since = self.tick
 
@@ -261,13 +278,16 @@ class SlotEngine:
         return out
 
     def _record(self, s: int) -> Inversion:
-        """Algorithm 1, line 13: z̄_T = z*_T and {∅_t}, with the pivot's ends and the optimisation's log."""
-        bank, p = self.bank, self.slots[s].progress
+        """Algorithm 1, line 13: z̄_T = z*_T and {∅_t}, with the pivot's ends and the optimisation's log (and what
+        the method keeps besides: the pivot for proxnpi, the corrections for direct)."""
+        bank, p, inv = self.bank, self.slots[s].progress, self.inverter
         T = self.cfg.num_ddim_steps
         inner = bank.inner_steps[s].cpu()
         meta = dict(self._meta)
         meta["skipped_steps"] = p.skipped
-        meta["unet_calls"] = {"pivot": T, "cond": T, "uncond_grad": int(inner.sum()) + p.skipped, "uncond": T}
+        # requests answered, by kind: p.i outer steps each took one COND and one ADVANCE call
+        meta["unet_calls"] = {"pivot": p.pivot_steps, "cond": p.i, "uncond_grad": int(inner.sum()) + p.skipped,
+                              "uncond": p.i}  # fmt: skip
         return Inversion(
             z_T=bank.trajectory[s, T].cpu().clone(),
             null_embeddings=bank.null_embeddings["prompt_embeds"][s].detach().cpu().clone(),
@@ -278,7 +298,9 @@ class SlotEngine:
             inner_steps=inner.clone(),
             final_loss=bank.final_loss[s].cpu().clone(),
             meta=meta,
-            z_0=bank.z_bar[s].cpu().clone(),
+            z_0=bank.z_bar[s].cpu().clone() if p.i == T else None,  # the sampled z̄_0 where the method ran it
+            trajectory=bank.trajectory[s].cpu().clone() if inv.keeps_trajectory else None,
+            corrections=bank.corrections[s].cpu().clone() if inv.keeps_corrections else None,
         )
 
     # -- the two kinds of UNet call ------------------------------------------------------------------------

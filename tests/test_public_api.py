@@ -28,10 +28,12 @@ def _help(*argv) -> str:
 
 
 def test_cli_help_is_pinned():
-    assert "{invert,status,edit}" in _help()
+    assert "{invert,status,edit,eval}" in _help()
     inv = _help("invert")
     for flag in ("--images", "--captions", "--output", "--config", "--overwrite", "--retry-failed", "--quiet"):
         assert flag in inv, flag
     assert "output" in _help("status")
     for flag in ("--target", "--edits", "--mode", "--blend", "--cross-replace", "--self-replace", "--output"):
         assert flag in _help("edit"), flag
+    for flag in ("--out", "--methods", "--model", "--steps", "--limit", "--lpips", "--dino", "--clip", "--num-shards"):
+        assert flag in _help("eval"), flag

@@ -1,7 +1,8 @@
 """Evaluation outputs: per-image JSONL (append-safe, resumable), summary JSON/Markdown, plot and image strips.
 
 The Markdown table has the columns of PIE-Bench's Table 1 (Ju et al., "PnP Inversion", ICLR 2024) with the same
-scalings (Structure ×10³, LPIPS ×10³, MSE ×10⁴, SSIM ×10²), plus seconds and UNet calls per image.
+scalings (Structure ×10³, LPIPS ×10³, MSE ×10⁴, SSIM ×10²), plus the reconstruction's PSNR / SSIM / LPIPS (the
+inversion alone) and seconds and UNet calls per image.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("ssim_bg", "SSIM ×10² ↑", 1e2, 2),
     ("clip_whole", "CLIP Whole ↑", 1.0, 2),
     ("clip_edited", "CLIP Edited ↑", 1.0, 2),
+    # the inversion alone (source prompt, no edit): not in PIE-Bench's table, which reports edits only
+    ("psnr_rec", "Recon PSNR ↑", 1.0, 2),
+    ("ssim_rec", "Recon SSIM ×10² ↑", 1e2, 2),
+    ("lpips_rec", "Recon LPIPS ×10³ ↓", 1e3, 2),
     ("seconds", "s/image ↓", 1.0, 2),
     ("unet_calls", "UNet calls/image ↓", 1.0, 0),
 )

@@ -33,6 +33,7 @@ from nti_lightning.p2p.maps import coarse_queries, map_shape, pick_attention_que
 from nti_lightning.p2p.rules import blend_word_weights, identity_edit, step_range, target_edit
 from nti_lightning.runtime import Runtime
 from nti_lightning.sampling import ddim_sample, decode_latents
+from nti_lightning.step_guidance import record_guidance
 from nti_lightning.text import check_prompt
 
 
@@ -194,9 +195,10 @@ def edit_batch(
     nulls = [{k: v.expand(B, *v.shape[1:]) for k, v in inversion.null(i, model).items()} for i in range(T)]
     w = guidance_scale if guidance_scale is not None else default_guidance_scale(inversion)
     callback = controller.step_callback if controller is not None else None
+    guidance = record_guidance([inversion], rows_per_image=B, edit=True)  # the record's method: proxnpi, direct
     with attention_control(model.unet, controller):
         z0 = ddim_sample(
-            runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, callback
+            runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, callback, guidance
         )  # (B, C, h, w)
     # 4. Decode; collect the attention maps
     pixels = decode_latents(model, z0).cpu()

@@ -13,6 +13,9 @@ from nti_lightning.run.files import atomic_write_bytes
 
 # settings that change how fast a run goes, not what it computes (batch_invariant: bits, not results)
 NOT_IDENTITY = ("batch_size", "slots", "batch_invariant")
+# fields added after folders were made: left out of the identity while at their defaults, so those folders still
+# match (a run with another method, or proximal settings of proxnpi, is a different run)
+LATER_FIELDS = ("method", "prox_operator", "prox_quantile", "prox_recon_t", "prox_recon_lr", "prox_dilate")
 
 
 class OutputMismatchError(RuntimeError):
@@ -21,7 +24,12 @@ class OutputMismatchError(RuntimeError):
 
 def run_identity(cfg: RunConfig, model) -> dict:
     """What must not change between runs writing into one folder."""
-    inversion = {k: v for k, v in asdict(cfg.inversion).items() if k not in NOT_IDENTITY}
+    defaults = asdict(type(cfg.inversion)())
+    inversion = {
+        k: v
+        for k, v in asdict(cfg.inversion).items()
+        if k not in NOT_IDENTITY and not (k in LATER_FIELDS and v == defaults[k])
+    }
     inversion["image_size"] = image_size_for(model, cfg.inversion)  # null and the size it resolves to are one
     return {
         "model_fingerprint": model.fingerprint,

@@ -2,7 +2,9 @@
 
 Finished images are written in groups (one batched VAE decode and one batched no-NTI replay per group). The
 NTI reconstruction is z̄_0 of the optimisation itself (Algorithm 1's last z̄_{t−1}): replaying the sampler from
-z̄_T with {∅_t} gives the same latent, so it is not computed twice.
+z̄_T with {∅_t} gives the same latent, so it is not computed twice. Methods whose engine run stops at the pivot
+(ddim, npi, proxnpi: ``z_0`` is None) are reconstructed by sampling their records here. The metrics of the
+reconstruction are under the method's name ("nti" for NTI), and the manifest row records the method.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.api import ddim_baseline_latents
+from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
 from nti_lightning.dataset import Item
 from nti_lightning.image import tensor_to_image
 from nti_lightning.inversion import Inversion, save_inversion
@@ -83,7 +85,11 @@ def write_group(model, cfg, out_dir: Path, group: list[Done], runtime, record) -
     """Decodes, measures and writes ``group``; ``record(item, "ok", **fields)`` appends each manifest row last,
     after its files exist (a kill in between leaves files that the rerun overwrites)."""
     invs = [d.inversion for d in group]
-    nti_lat = torch.stack([inv.z_0 for inv in invs]).to(model.device)  # (n, C, h, w)
+    if all(inv.z_0 is not None for inv in invs):
+        nti_lat = torch.stack([inv.z_0 for inv in invs]).to(model.device)  # (n, C, h, w)
+    else:  # the engine stopped at the pivot (ddim, npi, proxnpi): sample the records
+        nti_lat = reconstruction_latents(model, invs, runtime=runtime)
+    method = cfg.inversion.method
     z0 = torch.stack([inv.pivot_z0 for inv in invs]).to(model.device)
     nti_img = decode_latents(model, nti_lat).cpu()
     vae_img = decode_latents(model, z0).cpu()
@@ -97,7 +103,7 @@ def write_group(model, cfg, out_dir: Path, group: list[Done], runtime, record) -
         inv.meta.update(image={"id": it.id, "source": it.path})
         save_inversion(folder / "inversion.safetensors", inv)
         metrics = {
-            "nti": {"vs_input": image_metrics(nti_img[k], px), "vs_vae": image_metrics(nti_img[k], vae_img[k])},
+            method: {"vs_input": image_metrics(nti_img[k], px), "vs_vae": image_metrics(nti_img[k], vae_img[k])},
             "vae_roundtrip_vs_input": image_metrics(vae_img[k], px),
             "nti_latent_mse": latent_mse_value(nti_lat[k], z0[k]),
             "inner_steps": int(inv.inner_steps.sum()),
@@ -120,7 +126,7 @@ def write_group(model, cfg, out_dir: Path, group: list[Done], runtime, record) -
         meta = {"id": it.id, "source": it.path, "prompt": it.prompt, "metrics": metrics, **inv.meta}
         atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=2).encode())
         paths["meta"] = f"{rel}/meta.json"
-        record(it, "ok", metrics=metrics, paths=paths, seconds=round(d.seconds, 3))
+        record(it, "ok", method=method, metrics=metrics, paths=paths, seconds=round(d.seconds, 3))
 
 
 def make_metrics_logger(kind: str, root: Path, shard: int, flush_every: int, log):
@@ -169,7 +175,8 @@ def format_row(rec: dict) -> str:
         return f"{rec['id']:<28} {'failed':<7} {rec.get('error', '')}"
     m = rec["metrics"]
     base = m.get("ddim_no_nti", {}).get("vs_vae", {}).get("psnr", float("nan"))
+    rec_m = m[rec.get("method", "nti")]  # the method's reconstruction (the NTI column for nti)
     return (
-        f"{rec['id']:<28} {'ok':<7} {base:>9.2f}dB {m['nti']['vs_vae']['psnr']:>7.2f}dB "
-        f"{m['nti']['vs_input']['psnr']:>15.2f}dB {m['inner_steps']:>11} {rec['seconds']:>7.1f}"
+        f"{rec['id']:<28} {'ok':<7} {base:>9.2f}dB {rec_m['vs_vae']['psnr']:>7.2f}dB "
+        f"{rec_m['vs_input']['psnr']:>15.2f}dB {m['inner_steps']:>11} {rec['seconds']:>7.1f}"
     )
