@@ -91,8 +91,25 @@ def test_benchmark_script_end_to_end(tmp_path):
     spec = importlib.util.spec_from_file_location("nti_benchmark_script", ROOT / "scripts" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--model", "tiny", "--batch-sizes", "1,2", "--num-ddim-steps", "2", "--num-inner-steps", "1",
-            "--images", "3", "--baseline-images", "2", "--early-stop", "on", "--fixed", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        "tiny",
+        "--batch-sizes",
+        "1,2",
+        "--num-ddim-steps",
+        "2",
+        "--num-inner-steps",
+        "1",
+        "--images",
+        "3",
+        "--baseline-images",
+        "2",
+        "--early-stop",
+        "on",
+        "--fixed",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["runs"]["on"]["engine"]

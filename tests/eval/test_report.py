@@ -1,4 +1,3 @@
-
 """Evaluation outputs: resumable JSONL, summary table, plot, strips."""
 
 from __future__ import annotations
