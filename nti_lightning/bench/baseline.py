@@ -20,6 +20,7 @@ against it bit for bit where it does the same operations. It exists to be measur
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,70 @@ class BaselineResult:
     z_0: Tensor  # (C, h, w): z̄_0, the reconstruction latent left by the loop
     inner_steps: Tensor  # (T,) long: Adam steps taken per timestep
     unet_calls: dict[str, int] = field(default_factory=dict)  # evaluations by kind (the pivot included)
+
+
+@contextmanager
+def _as_distributed(unet, weights_grad: bool, classic_attention: bool):
+    """The UNet as the authors' code runs it, restored afterwards: weight gradients on (``weights_grad``) and
+    every attention layer through an explicit-softmax hook (``classic_attention``)."""
+    frozen = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(weights_grad)  # as distributed: backward also computes every weight gradient
+    processors = unet.attn_processors
+    if classic_attention:
+        from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
+
+        unet.set_attn_processor({n: P2PAttnProcessor(lambda a, c, p: a, place_in_unet(n)) for n in processors})
+    try:
+        yield
+    finally:
+        if classic_attention:
+            unet.set_attn_processor(processors)
+        for p, flag in zip(unet.parameters(), frozen):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _pivot(eps, schedule, z0: Tensor, cond: Tensor, calls: dict) -> list[Tensor]:
+    """DDIM inversion with w = 1 (the authors' ``ddim_loop``): [z*_0, …, z*_T], each (1, 4, h, w)."""
+    latents = [z0]
+    z = z0
+    T = schedule.num_steps
+    with torch.no_grad():
+        for k in range(T):
+            t = schedule.timesteps[T - k - 1]
+            z = ddim_inverse_step(schedule, z, eps(z, t, cond), int(t))
+            latents.append(z)
+            calls["pivot"] += 1
+    return latents
+
+
+def _optimise_null(eps, schedule, i, z_cur, z_target, cond, uncond, cfg, calls) -> tuple[Tensor, int, Tensor]:
+    """Timestep index i of ``null_optimization``: a fresh Adam on a copy of ∅, up to N inner steps against
+    z*_{t−1}, the early-stop test after ``optimizer.step()``. → (∅_t (1, L, D), steps taken, ε(z̄_t, C))."""
+    uncond = uncond.clone().detach()
+    uncond.requires_grad = True
+    optimizer = torch.optim.Adam([uncond], lr=null_text_lr(cfg.learning_rate, i, cfg.lr_decay_horizon))
+    t = schedule.timesteps[i]
+    with torch.no_grad():
+        eps_cond = eps(z_cur, t, cond)
+        calls["cond"] += 1
+    threshold = early_stop_threshold(cfg.early_stop_epsilon, cfg.early_stop_slope, i)
+    steps = 0
+    for _ in range(cfg.num_inner_steps):
+        eps_uncond = eps(z_cur, t, uncond)
+        calls["uncond_grad"] += 1
+        z_prev = ddim_step(schedule, z_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t))
+        loss = latent_mse(z_prev, z_target).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        loss_item = loss.item()
+        if not torch.isfinite(torch.tensor(loss_item)):
+            raise FloatingPointError(f"baseline: non-finite loss at timestep index {i}")
+        if cfg.early_stop and loss_item < threshold:
+            break
+    return uncond, steps, eps_cond
 
 
 def baseline_invert(
@@ -67,14 +132,7 @@ def baseline_invert(
     def eps(z: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return unet(z, t, encoder_hidden_states=context, return_dict=False)[0].float()
 
-    frozen = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(weights_grad)  # as distributed: backward also computes every weight gradient
-    processors = unet.attn_processors
-    if classic_attention:
-        from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
-
-        unet.set_attn_processor({n: P2PAttnProcessor(lambda a, c, p: a, place_in_unet(n)) for n in processors})
-    try:
+    with _as_distributed(unet, weights_grad, classic_attention):
         # 1. Image and text: z*_0, C = ψ(P), ∅ = ψ("")
         z0 = encode_latents(model, pixels.to(model.device))  # (1, 4, h, w)
         cond = encode_text(model, [prompt]).to(z0.device)  # (1, L, D)
@@ -83,45 +141,17 @@ def baseline_invert(
         T = schedule.num_steps
 
         # 2. The pivot: DDIM inversion with w = 1 (``ddim_loop``)
-        latents = [z0]
-        z = z0
-        with torch.no_grad():
-            for k in range(T):
-                t = schedule.timesteps[T - k - 1]
-                z = ddim_inverse_step(schedule, z, eps(z, t, cond), int(t))
-                latents.append(z)
-                calls["pivot"] += 1
+        latents = _pivot(eps, schedule, z0, cond, calls)
 
-        # 3. Null-text optimisation (``null_optimization``)
+        # 3. Null-text optimisation (``null_optimization``), then z̄_{t−1} from the optimised ∅_t
         null_list = []
         inner_steps = torch.zeros(T, dtype=torch.long)
         latent_cur = latents[-1]
         for i in range(T):
-            uncond = uncond.clone().detach()
-            uncond.requires_grad = True
-            optimizer = torch.optim.Adam([uncond], lr=null_text_lr(cfg.learning_rate, i, cfg.lr_decay_horizon))
-            latent_prev = latents[len(latents) - i - 2]
             t = schedule.timesteps[i]
-            with torch.no_grad():
-                eps_cond = eps(latent_cur, t, cond)
-                calls["cond"] += 1
-            threshold = early_stop_threshold(cfg.early_stop_epsilon, cfg.early_stop_slope, i)
-            for _ in range(cfg.num_inner_steps):
-                eps_uncond = eps(latent_cur, t, uncond)
-                calls["uncond_grad"] += 1
-                latents_prev_rec = ddim_step(
-                    schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
-                )
-                loss = latent_mse(latents_prev_rec, latent_prev).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                inner_steps[i] += 1
-                loss_item = loss.item()
-                if not torch.isfinite(torch.tensor(loss_item)):
-                    raise FloatingPointError(f"baseline: non-finite loss at timestep index {i}")
-                if cfg.early_stop and loss_item < threshold:
-                    break
+            uncond, inner_steps[i], eps_cond = _optimise_null(
+                eps, schedule, i, latent_cur, latents[T - i - 1], cond, uncond, cfg, calls
+            )
             null_list.append(uncond[:1].detach())
             with torch.no_grad():  # ``get_noise_pred``: both branches again, in one batched call
                 if recompute_cond:
@@ -134,12 +164,6 @@ def baseline_invert(
                 latent_cur = ddim_step(
                     schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
                 )
-    finally:
-        if classic_attention:
-            unet.set_attn_processor(processors)
-        for p, flag in zip(unet.parameters(), frozen):
-            p.requires_grad_(flag)
-            p.grad = None
     return BaselineResult(
         null_embeddings=torch.cat(null_list).cpu(),  # (T, L, D)
         pivot_z0=z0[0].cpu(),
