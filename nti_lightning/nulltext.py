@@ -59,7 +59,7 @@ class RowAdam:
     (Algorithm 1: a new optimiser per timestep). ``step`` updates only the rows given, each with its own
     learning rate. The operations and their order are ``torch.optim.Adam``'s single-tensor path (betas 0.9,
     0.999, ε 1e-8, no weight decay), so a row's numbers equal ``torch.optim.Adam`` run on that row alone.
-    The moments are buffers of the caller's module (``slots.SlotBank``), passed in, so they are checkpointed
+    The moments are buffers of the caller's module (``slot_bank.SlotBank``), passed in, so they are checkpointed
     and moved with it.
     """
 
