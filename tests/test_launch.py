@@ -122,6 +122,7 @@ def reference(dataset, model_dir, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_ddp_spawn_two_cpu_ranks(dataset, model_dir, reference, tmp_path, monkeypatch, capsys):
     """``trainer.strategy=ddp_spawn``: this process starts both ranks (Lightning's multiprocessing launcher)."""
     monkeypatch.delenv("MASTER_PORT", raising=False)  # Lightning sets it in this process: removed afterwards
@@ -134,6 +135,7 @@ def test_ddp_spawn_two_cpu_ranks(dataset, model_dir, reference, tmp_path, monkey
     assert out_text.count(" inverted, ") == 1 and "4 inverted, 0 failed, 0 already done" in out_text, out_text
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_torchrun_launch(dataset, model_dir, reference, tmp_path, procs):
     """torchrun starts both ranks; Lightning's TorchElasticEnvironment takes rank and world size from it and
     launches no process of its own (a second launch would make a world of 4 and show up as rank2/rank3 logs)."""
@@ -145,6 +147,7 @@ def test_torchrun_launch(dataset, model_dir, reference, tmp_path, procs):
     _assert_two_ranks(out, reference[1], "TorchElasticEnvironment")
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_srun_style_launch(dataset, model_dir, reference, tmp_path, procs):
     """Two processes with the environment ``srun --ntasks-per-node=2`` gives its tasks (what Lightning's
     SLURMEnvironment reads: SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS_PER_NODE,
@@ -163,6 +166,7 @@ def test_srun_style_launch(dataset, model_dir, reference, tmp_path, procs):
     assert not any("scontrol" in (out / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_sigterm_to_two_ddp_ranks_exits_75_and_resumes(dataset, model_dir, reference, tmp_path, procs):
     """``trainer.strategy=ddp`` (rank 0 launches rank 1): SIGTERM to the process group mid-batch → both ranks save
     their batch and the launcher exits 75 (Lightning's child-process observer would SIGKILL it once rank 1 exits

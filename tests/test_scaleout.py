@@ -62,6 +62,7 @@ def reference(dataset, model_dir, tmp_path_factory):
     return out, read_nulls(out)
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, reference, tmp_path):
     out = tmp_path / "ddp"
     proc = _spawn(dataset, out, model_dir, "trainer.strategy=ddp", "trainer.devices=2", "trainer.ddp_timeout_s=60")
@@ -77,6 +78,7 @@ def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, r
     assert main(["status", str(out)]) == 0
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_dir, reference, tmp_path, capsys):
     out = tmp_path / "term"
     proc = _spawn(dataset, out, model_dir)
@@ -124,6 +126,7 @@ def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_di
     assert_same_as_reference(out, reference[1], IDS)
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 @pytest.mark.parametrize("moment", ["first checkpoint", "first image written"])
 def test_kill_9_at_a_random_moment_then_rerun(dataset, model_dir, reference, tmp_path, moment):
     out = tmp_path / "kill"
@@ -153,6 +156,7 @@ def test_mixed_precision_runs_on_cpu_close_to_fp32(dataset, model_dir, reference
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.slow  # torch.compile's first call: CI runs it (-m slow); the README test command skips it
 def test_compiled_unet_option(dataset, model_dir, reference, tmp_path, monkeypatch):
     """model.compile wraps the UNet in torch.compile (here with dynamo's "eager" backend, so no minutes of
     inductor compilation in the suite): the run goes through the compiled module and gives the same results."""

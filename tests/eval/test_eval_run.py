@@ -50,6 +50,7 @@ def test_eval_writes_every_output(tmp_path, capsys):
     assert main([*_eval_args(out, "ddim", 2), "--guidance-scale", "5"]) == 2
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_eval_resumes_after_kill_9_without_redoing_finished_pairs(tmp_path, capsys):
     out = tmp_path / "ev"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
