@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--images", nargs="+", default=None, help="files, folders (recursive) or .jsonl/.csv/.txt lists")
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
-    inv.add_argument("--config", default=None, help="YAML config (see configs/)")
+    inv.add_argument(
+        "--config", default=None, help="YAML config file, or a packaged config by name (paper, fast_cpu, sd2, …)"
+    )
     inv.add_argument(
         "--model",
         default=None,

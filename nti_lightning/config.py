@@ -274,16 +274,38 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
+PACKAGED_CONFIGS: Path = Path(__file__).resolve().parent / "configs"
+"""The YAML configs shipped in the package (``configs/`` of a checkout links here): paper, fast_cpu, sd2, …"""
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a packaged config ("paper" or "paper.yaml", found in ``PACKAGED_CONFIGS``,
+    so ``--config paper`` works from an installed wheel). Raises ``ConfigError`` naming what exists."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        packaged = PACKAGED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(
+        f"config file {path} does not exist (packaged configs, usable by name: {', '.join(packaged_configs())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: type = RunConfig) -> Any:
-    """Schema ← YAML file ← dotlist overrides (``inversion.num_inner_steps=5``); returns a ``base`` object.
+    """Schema ← YAML file (a path or a packaged config's name) ← dotlist overrides (``inversion.num_inner_steps=5``);
+    returns a ``base`` object.
 
     Unknown keys, wrong types and failed ``__post_init__`` checks raise ``ConfigError`` naming the key.
     """
     merged = OmegaConf.structured(base)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         merged = _blamed(f" in {path}", lambda: OmegaConf.merge(merged, OmegaConf.load(path)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]

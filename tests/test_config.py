@@ -39,6 +39,31 @@ def test_paper_config_equals_defaults():
     assert load_config(Path(__file__).parent.parent / "configs" / "paper.yaml").inversion == InversionConfig()
 
 
+def test_packaged_configs_load_by_name_and_are_the_checkouts():
+    from nti_lightning.config import PACKAGED_CONFIGS, packaged_configs
+
+    assert (Path(__file__).parent.parent / "configs").resolve() == PACKAGED_CONFIGS  # one copy, in the package
+    assert {"paper", "fast_cpu", "sd2"} <= set(packaged_configs())
+    assert load_config("paper") == load_config("paper.yaml") == load_config(PACKAGED_CONFIGS / "paper.yaml")
+    assert load_config("fast_cpu").inversion != InversionConfig()
+    with pytest.raises(ConfigError, match=r"papr does not exist \(packaged configs, usable by name: fast_cpu, paper"):
+        load_config("papr")
+
+
+def test_configs_are_package_data():
+    """The wheel ships them: pyproject's package-data pattern matches every packaged YAML."""
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+
+    from nti_lightning.config import PACKAGED_CONFIGS
+
+    root = Path(__file__).parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "nti_lightning"
+    ]
+    shipped = {p for pat in patterns for p in (root / "nti_lightning").glob(pat)}
+    assert set(PACKAGED_CONFIGS.glob("*.yaml")) <= {p.resolve() for p in shipped}
+
+
 def test_overrides_merge_over_file():
     cfg = load_config(CONFIGS[0], ["inversion.num_inner_steps=3", "trainer.devices=2"])
     assert cfg.inversion.num_inner_steps == 3 and cfg.trainer.devices == 2
