@@ -2,7 +2,8 @@
 
 With Fabric, mixed precision comes from ``fabric.autocast()`` around UNet calls. The modules are never wrapped
 by ``fabric.setup``: wrapping would broadcast rank 0's parameters and all-reduce gradients under DDP, and
-every rank inverts its own images (shared LIGHTNING-NOTES). Gradients are taken with ``torch.autograd.grad``
+every rank inverts its own images (with Lightning 2.6 a DDP-wrapped module averages the nulls'
+gradients across ranks, mixing different images). Gradients are taken with ``torch.autograd.grad``
 on the gathered null embeddings of each call; 16-mixed's loss scaling is ``nulltext.DynamicLossScale``, per
 image, because a GradScaler skips the step of every image when one overflows.
 """

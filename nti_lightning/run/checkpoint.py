@@ -1,8 +1,8 @@
 """A worker's checkpoint: the slot engine's whole state plus where the item stream stood.
 
 One file per worker (``checkpoints/shard{s}.rank{r}.pt``), written atomically by that worker — never
-``fabric.save``, which writes on rank 0 only and synchronises (see shared LIGHTNING-NOTES). Resuming from it
-continues the run bit for bit (see ``worker``).
+``fabric.save``, which writes on rank 0 only and synchronises all ranks (each rank here holds other images).
+Resuming from it continues the run bit for bit (see ``worker``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ file + rename and the manifest is append-only. A checkpoint holds every in-fligh
 that finished after it (their manifest rows are newer than the checkpoint) run again without being written
 again, so the engine sees exactly the stream it saw and the resumed run is bit-identical to an uninterrupted
 one. Scale-out: the items are split statically (``items.is_mine``); ranks never exchange gradients, and the
-only collective is the start-up barrier (see shared LIGHTNING-NOTES).
+only collective is the start-up barrier (a collective per batch would make a rank wait for the slowest).
 """
 
 from __future__ import annotations
