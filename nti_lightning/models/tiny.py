@@ -171,6 +171,11 @@ SD2_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "prediction_type": "
 
 SDXL_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "timestep_spacing": "leading"}
 
+SDXL_SCALING_FACTOR = 0.13025
+"""SDXL's VAE ``scaling_factor``; the tiny SDXL's VAE is the sd1 one with its latent scale refolded to it."""
+SDXL_VAE_CONFIG: dict[str, Any] = {**VAE_CONFIG, "scaling_factor": SDXL_SCALING_FACTOR, "force_upcast": True}
+"""SDXL's VAE config keys at the tiny VAE's widths: ``force_upcast`` (SDXL's VAE overflows in fp16)."""
+
 TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
     "hidden_size": TEXT_HIDDEN_SIZE,
@@ -290,6 +295,13 @@ def build_random_family_components(
     out = {**base, "unet": unet.eval(), "scheduler": _DDIM(**FAMILY_SCHEDULER_CONFIG[family])}
     if vae is not None:
         out["vae"] = vae
+    elif family == "sdxl":
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed + 1)
+            out["vae"] = AutoencoderKL(**copy.deepcopy(SDXL_VAE_CONFIG)).eval()
+        finally:
+            torch.random.set_rng_state(generator_state)
     if family == "sdxl":
         out["text_encoder_2"] = text_encoder_2.eval()
         out["tokenizer_2"] = out["tokenizer"]
