@@ -83,7 +83,8 @@ def reconstruction_latents(
     device = model.device
     z_T = torch.stack([inv.z_T for inv in inversions]).to(device)
     cond = model.family.encode_prompts(model, [inv.prompt for inv in inversions])
-    nulls = [cat_cond([inv.null(i, model) for inv in inversions]) for i in range(T)]
+    per_image = [inv.nulls(model) for inv in inversions]
+    nulls = [cat_cond([n[i] for n in per_image]) for i in range(T)]
     w = guidance_scale if guidance_scale is not None else inversions[0].meta["hyperparameters"]["guidance_scale"]
     guidance = record_guidance(inversions, rows_per_image=1, edit=False)
     return ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, guidance=guidance)

@@ -1,0 +1,193 @@
+"""SDXL (issue #17) on the tiny random SDXL-shaped model: detection from folders, the conditioning against
+diffusers' own ``encode_prompt``, the external oracle (our sampler = ``StableDiffusionXLPipeline``), the null
+per ``force_zeros_for_empty_prompt``, what NTI optimises (``inversion.optimize``) and the fp16 VAE upcast."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nti_lightning import invert
+from nti_lightning.api import reconstruction_latents
+from nti_lightning.ddim import schedule_from_scheduler
+from nti_lightning.inversion import load_inversion, save_inversion
+from nti_lightning.models import load_model, model_from_components
+from nti_lightning.models.detect import ModelFolderError
+from nti_lightning.models.family import SDXLFamily
+from nti_lightning.models.tiny import build_random_family_components
+from nti_lightning.sampling import ddim_sample, decode_latents, encode_latents, unet_denoiser
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sdxl(force_zeros: bool = True, seed: int = 0):
+    comps = build_random_family_components("sdxl", seed)
+    return model_from_components(**comps, source="tiny-sdxl-random", force_zeros_for_empty_prompt=force_zeros)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return _sdxl(force_zeros=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory, sdxl):
+    d = tmp_path_factory.mktemp("sdxl")
+    sdxl.pipeline.save_pretrained(d)
+    return d
+
+
+def _image(seed: int = 0, side: int = 64) -> np.ndarray:
+    return (np.random.default_rng(seed).random((side, side, 3)) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection and conditioning
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sdxl_folder_is_detected(tmp_path, sdxl, sdxl_dir):
+    fam = load_model(sdxl_dir).family
+    assert isinstance(fam, SDXLFamily) and fam == sdxl.family
+    assert (fam.name, fam.native_image_size, fam.scaling_factor, fam.pooled_width) == ("sdxl", 128, 0.13025, 32)
+    assert fam.vae_force_upcast and not fam.force_zeros_for_empty_prompt
+    assert fam.attention.text_width == 64 and fam.attention.heads == (2, 4, 8) and fam.learnable[1] == "text_embeds"
+    assert load_model(sdxl_dir).fingerprint == sdxl.fingerprint
+    d = tmp_path / "zeros"
+    shutil.copytree(sdxl_dir, d)
+    index = json.loads((d / "model_index.json").read_text())
+    (d / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": True}))
+    assert load_model(d).family.force_zeros_for_empty_prompt
+    shutil.rmtree(d / "text_encoder_2")
+    with pytest.raises(ModelFolderError, match="text_encoder_2/config.json"):
+        load_model(d)
+
+
+def test_conditioning_equals_encode_prompt(sdxl):
+    """ψ(P) = both encoders' penultimate states concatenated (B, 77, D₁ + D₂) and the pooled (B, D₂), as
+    StableDiffusionXLPipeline.encode_prompt; time ids (native, native, 0, 0, native, native)."""
+    prompts = ["a photo of a cat", "a dog on the grass"]
+    cond = sdxl.family.encode_prompts(sdxl, prompts)
+    pos, neg, pooled, neg_pooled = sdxl.pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+    assert cond["prompt_embeds"].shape == (2, 77, 64) and cond["text_embeds"].shape == (2, 32)
+    assert torch.equal(cond["prompt_embeds"], pos) and torch.equal(cond["text_embeds"], pooled)
+    assert cond["time_ids"].tolist() == [[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2
+    null = sdxl.family.null(sdxl, 2)  # force_zeros_for_empty_prompt false: ψ("") (one row, diffusers encodes two)
+    torch.testing.assert_close(null["prompt_embeds"], neg, atol=1e-6, rtol=0)
+    torch.testing.assert_close(null["text_embeds"], neg_pooled, atol=1e-6, rtol=0)
+    assert null["prompt_embeds"].abs().max() > 0.1
+
+
+def test_null_is_zeros_when_the_config_says_so():
+    model = _sdxl(force_zeros=True)
+    null = model.family.null(model, 3)
+    assert null["prompt_embeds"].shape == (3, 77, 64) and not null["prompt_embeds"].any()
+    assert not null["text_embeds"].any() and null["time_ids"][0].tolist() == [128, 128, 0, 0, 128, 128]
+    _, neg, _, neg_pooled = model.pipeline.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=True)
+    assert not neg.any() and not neg_pooled.any()  # diffusers' null too
+
+
+@pytest.mark.parametrize("force_zeros", [True, False], ids=["zeros-null", "empty-prompt-null"])
+def test_sampler_equals_stable_diffusion_xl_pipeline(force_zeros):
+    """External oracle: every ∅_t = the model's null, our guided DDIM sampler from z_T is diffusers'
+    StableDiffusionXLPipeline(latents=z_T, guidance_scale=7.5) (guidance_rescale 0, original = target size =
+    the default height/width, crop (0, 0), the negative prompt per force_zeros_for_empty_prompt)."""
+    model = _sdxl(force_zeros=force_zeros, seed=1)
+    T, prompt = 6, "a photo of a cat"
+    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    schedule = schedule_from_scheduler(model.scheduler, T)
+    cond = model.family.encode_prompts(model, [prompt])
+    ours = ddim_sample(unet_denoiser(model.unet, model.family), schedule, z_T, cond, model.family.null(model), 7.5)
+    theirs = model.pipeline(
+        prompt, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=T, output_type="latent"
+    ).images
+    assert ours.abs().max() > 1.0  # a real trajectory, not zeros
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What NTI optimises
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_default_optimises_prompt_embeds_and_pooled_and_round_trips(tmp_path, sdxl):
+    inv = invert(sdxl, [_image()], ["a photo of a cat"], num_ddim_steps=3, num_inner_steps=2, image_size=64)[0]
+    assert inv.meta["family"] == "sdxl" and inv.meta["hyperparameters"]["optimize"] is None
+    assert inv.null_embeddings.shape == (3, 77, 64) and set(inv.null_extra) == {"text_embeds"}
+    null = sdxl.family.null(sdxl)
+    assert not torch.equal(inv.null_extra["text_embeds"][-1], null["text_embeds"][0])  # it moved
+    assert torch.equal(inv.null(0, sdxl)["time_ids"], null["time_ids"])  # not optimised: the model's
+    loaded = load_inversion(save_inversion(tmp_path / "inv", inv), sdxl)
+    assert torch.equal(loaded.null_extra["text_embeds"], inv.null_extra["text_embeds"])
+    assert torch.equal(reconstruction_latents(sdxl, [loaded]), reconstruction_latents(sdxl, [inv]))
+
+
+def test_time_ids_are_optimised_on_request(sdxl):
+    keys = ["prompt_embeds", "text_embeds", "time_ids"]
+    inv = invert(sdxl, [_image(1)], ["a photo of a cat"], num_ddim_steps=2, num_inner_steps=2, image_size=64,
+                 optimize=keys)[0]  # fmt: skip
+    assert set(inv.null_extra) == {"text_embeds", "time_ids"} and inv.null_extra["time_ids"].shape == (2, 6)
+    native = torch.tensor([128.0, 128, 0, 0, 128, 128])
+    assert (inv.null_extra["time_ids"][-1] - native).abs().max() > 1e-4
+
+
+def test_unknown_optimise_key_is_a_clear_error(sdxl, tiny_model):
+    with pytest.raises(ValueError, match="pooled embedding is text_embeds"):
+        invert(sdxl, [_image()], ["a cat"], num_ddim_steps=2, num_inner_steps=1, image_size=64,
+               optimize=["prompt_embeds", "pooled"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"sd1 null has the keys \['prompt_embeds'\]"):
+        invert(tiny_model, [_image()], ["a cat"], num_ddim_steps=2, num_inner_steps=1, optimize=["text_embeds"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fp16 VAE overflow
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _overflowing_fp16_vae_model(force_upcast: bool):
+    """A model whose VAE decoder's first conv outputs ~1e6 (fine in fp32, inf in fp16: max 65504), stored in fp16."""
+    model = _sdxl(seed=2)
+    with torch.no_grad():
+        model.vae.decoder.conv_in.weight.mul_(3e4)
+        model.vae.decoder.conv_in.bias.mul_(3e4)
+    model.vae.to(torch.float16)
+    model.family = dataclasses.replace(model.family, vae_force_upcast=force_upcast)
+    dtypes = []
+    model.vae.decoder.conv_in.register_forward_pre_hook(lambda mod, args: dtypes.append(args[0].dtype))
+    return model, dtypes
+
+
+@pytest.mark.parametrize("force_upcast", [True, False], ids=["force_upcast", "detect-and-retry"])
+def test_overflowing_fp16_vae_decodes_in_fp32(force_upcast):
+    model, dtypes = _overflowing_fp16_vae_model(force_upcast)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = model.vae.decode((z / model.scaling_factor).half()).sample
+    assert not torch.isfinite(raw).all()  # the overflow is real
+    dtypes.clear()
+    out = decode_latents(model, z)
+    assert dtypes == ([torch.float32] if force_upcast else [torch.float16, torch.float32])
+    assert model.vae.dtype == torch.float16  # upcast for the call only
+    reference = model.vae.float()  # the same fp16-rounded weights in fp32
+    expected = reference.decode(z / model.scaling_factor).sample.clamp(-1, 1)
+    model.vae.half()
+    assert torch.isfinite(out).all() and torch.equal(out, expected.detach())
+
+
+def test_encode_runs_in_fp32_when_forced():
+    model, _ = _overflowing_fp16_vae_model(force_upcast=True)
+    seen = []
+    model.vae.encoder.conv_in.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    z = encode_latents(model, torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert seen == [torch.float32] and z.dtype == torch.float32 and model.vae.dtype == torch.float16
