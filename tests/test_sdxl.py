@@ -191,3 +191,22 @@ def test_encode_runs_in_fp32_when_forced():
     model.vae.encoder.conv_in.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     z = encode_latents(model, torch.rand(1, 3, 32, 32) * 2 - 1)
     assert seen == [torch.float32] and z.dtype == torch.float32 and model.vae.dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_flops_are_counted_for_text_time_unets():
+    """The counter feeds SDXL's added inputs; the backward reaches text_embeds; SDXL base's shape is exact."""
+    from nti_lightning.bench.flops import count_unet_flops, meta_unet
+    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+    from nti_lightning.models.tiny import SDXL_UNET_CONFIG as TINY_SDXL
+
+    small, large = count_unet_flops(TINY_SDXL, latent_size=8), count_unet_flops(TINY_SDXL, latent_size=16)
+    assert 0 < small.forward < large.forward and small.backward > 0.5 * small.forward
+    unet, _ = meta_unet(SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
+    assert [len(b.attentions) if hasattr(b, "attentions") else 0 for b in unet.down_blocks] == [0, 2, 2]
+    assert unet.down_blocks[2].attentions[0].transformer_blocks.__len__() == 10
