@@ -21,7 +21,8 @@ scaled down as SD1's 768 → 32), a tokenizer padding with "!" as OpenCLIP's, v-
 ``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the second with a projection, ``addition_embed_type="text_time"``
 conditioning on pooled text and ``add_time_ids``); ``build_random_family_components`` builds them. They are
 written to ``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``);
-the trained SD2 one ships and loads as ``load_model("tiny-sd2-v")``.
+the trained ones ship and load as ``load_model("tiny-sd2-v")`` and ``load_model("tiny-sdxl")`` (whose VAE is
+the sd1 one refolded to SDXL's ``scaling_factor`` 0.13025 with ``force_upcast``, ``SDXL_VAE_CONFIG``).
 """
 
 from __future__ import annotations
