@@ -210,3 +210,22 @@ def test_flops_are_counted_for_text_time_unets():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
     assert [len(b.attentions) if hasattr(b, "attentions") else 0 for b in unet.down_blocks] == [0, 2, 2]
     assert unet.down_blocks[2].attentions[0].transformer_blocks.__len__() == 10
+
+
+def test_unet_step_benchmark_takes_sdxl(tmp_path):
+    """scripts/bench_unet_step.py times the inner step of an SDXL UNet (backward to prompt_embeds and text_embeds)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_unet_step.py"
+    spec = importlib.util.spec_from_file_location("nti_step_script_sdxl", script)
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    argv = ["--model", "tiny-sdxl", "--batch-sizes", "2", "--variants", "eager", "--iters", "1", "--warmup", "0"]
+    assert step.main([*argv, "--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [(2, "eager")] and rows[0]["ms_per_step"] > 0
+    unet = load_model("tiny-sdxl").unet
+    leaves, kwargs = step.null_inputs(unet, 2, torch.device("cpu"))
+    unet(torch.randn(2, 4, 16, 16), torch.tensor(501), **kwargs).sample.square().mean().backward()
+    assert [tuple(x.grad.shape) for x in leaves] == [(2, 77, 64), (2, 32)] and leaves[1].grad.abs().sum() > 0
