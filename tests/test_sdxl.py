@@ -74,6 +74,26 @@ def test_sdxl_folder_is_detected(tmp_path, sdxl, sdxl_dir):
         load_model(d)
 
 
+def test_sdxl_base_configs_give_sdxl_numbers():
+    """SDXL base 1.0's own configs: 1024 px, scaling 0.13025, text width 2048, pooled 1280, zero null."""
+    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+    from nti_lightning.models.family import family_from_configs
+    from nti_lightning.models.tiny import SDXL_SCHEDULER_CONFIG
+
+    vae = {"block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.13025, "force_upcast": True}
+    fam = family_from_configs(SDXL_UNET_CONFIG, vae, SDXL_SCHEDULER_CONFIG, 77, {"force_zeros_for_empty_prompt": True})
+    assert (fam.name, fam.native_image_size, fam.scaling_factor, fam.pooled_width) == ("sdxl", 1024, 0.13025, 1280)
+    assert fam.attention.text_width == 2048 and fam.attention.heads == (5, 10, 20) and fam.force_zeros_for_empty_prompt
+    assert fam.time_ids(1).tolist() == [[1024, 1024, 0, 0, 1024, 1024]] and fam.vae_force_upcast
+
+
+def test_sdxl_unet_without_second_encoder_is_a_clear_error():
+    comps = build_random_family_components("sdxl", 0)
+    del comps["text_encoder_2"], comps["tokenizer_2"]
+    with pytest.raises(ModelFolderError, match="needs text_encoder_2 and tokenizer_2"):
+        model_from_components(**comps)
+
+
 def test_conditioning_equals_encode_prompt(sdxl):
     """ψ(P) = both encoders' penultimate states concatenated (B, 77, D₁ + D₂) and the pooled (B, D₂), as
     StableDiffusionXLPipeline.encode_prompt; time ids (native, native, 0, 0, native, native)."""
