@@ -123,6 +123,11 @@ class Family:
         """The keys of this family's ``Cond``: what ``encode_prompts`` gives and the UNet takes."""
         return ("prompt_embeds",)
 
+    @property
+    def num_text_encoders(self) -> int:
+        """Text encoders (and tokenizers) ``encode_prompts`` reads: 1, SDXL 2 (``text_encoder_2``)."""
+        return 1
+
     def learnable_keys(self, optimize: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
         """The null's keys NTI optimises: ``optimize`` (``InversionConfig.optimize``) checked against
         ``cond_keys``, or the family's default ``learnable``."""
@@ -177,6 +182,10 @@ class SDXLFamily(Family):
     @property
     def cond_keys(self) -> tuple[str, ...]:
         return ("prompt_embeds", "text_embeds", "time_ids")
+
+    @property
+    def num_text_encoders(self) -> int:
+        return 2
 
     def time_ids(self, batch_size: int) -> Tensor:
         """(B, 6): original = target = native size, crop (0, 0)."""

@@ -164,7 +164,7 @@ def model_from_components(
         )
     except ValueError as e:
         raise ModelFolderError(f"model {source}: {e}") from e
-    sdxl = family.cond_keys != ("prompt_embeds",)
+    sdxl = family.num_text_encoders == 2
     if sdxl and (text_encoder_2 is None or tokenizer_2 is None):
         raise ModelFolderError(
             f"model {source}: an SDXL UNet (addition_embed_type='text_time') needs text_encoder_2 and tokenizer_2 "
