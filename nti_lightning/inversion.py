@@ -70,7 +70,7 @@ class Inversion:
         out = {"prompt_embeds": self.null_embeddings[i][None].to(device)}
         out.update({k: v[i][None].to(device) for k, v in self.null_extra.items()})
         if fill is None and model is not None and set(model.family.cond_keys) - set(out):
-            fill = model.family.null(model, 1)
+            fill = self.sized_family(model).null(model, 1)
         if fill is not None:
             out.update({k: v.to(device) for k, v in fill.items() if k not in out})
         return out
@@ -78,8 +78,12 @@ class Inversion:
     def nulls(self, model) -> list[dict[str, torch.Tensor]]:
         """[∅_t for every timestep index] (``null``), the model's null computed once."""
         missing = set(model.family.cond_keys) - {"prompt_embeds", *self.null_extra}
-        fill = model.family.null(model, 1) if missing else None
+        fill = self.sized_family(model).null(model, 1) if missing else None
         return [self.null(i, model, fill) for i in range(self.num_steps)]
+
+    def sized_family(self, model):
+        """``model.family`` at the size this record was inverted at (SDXL's time ids follow it)."""
+        return model.family.at_size(self.meta.get("image_size"))
 
 
 def _umask() -> int:

@@ -148,12 +148,12 @@ class SlotEngine:
             raise ValueError(f"rows must be >= 1, got {rows}")
         self.model, self.cfg, self.rows, self.pad = model, cfg, rows, pad
         self.runtime = runtime or Runtime()
-        self.family = model.family
         self.num_slots = slots or 2 * rows - 1
         self.schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
         self.denoise = self.runtime.denoiser(model.unet, model.family, per_sample=cfg.batch_invariant)
         self.inverter = get_inverter(cfg.method)
         size = image_size or cfg.image_size or model.native_image_size
+        self.family = model.family.at_size(size)  # SDXL: time ids of this size
         f = model.vae_scale_factor
         latent_shape = (int(model.unet.config.in_channels), size // f, size // f)
         null = self.family.null(model, 1)

@@ -136,6 +136,26 @@ def test_sampler_equals_stable_diffusion_xl_pipeline(force_zeros):
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+def test_time_ids_follow_the_image_size():
+    """At another size the time ids are (s, s, 0, 0, s, s), as the pipeline's at height = width = s; inversions
+    made there are replayed with them."""
+    model = _sdxl(force_zeros=False, seed=3)
+    fam = model.family.at_size(64)
+    assert fam.time_ids(1).tolist() == [[64, 64, 0, 0, 64, 64]] and model.family.at_size(128) == model.family
+    T, prompt = 4, "a photo of a cat"
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    schedule = schedule_from_scheduler(model.scheduler, T)
+    ours = ddim_sample(unet_denoiser(model.unet, fam), schedule, z_T, fam.encode_prompts(model, [prompt]),
+                       fam.null(model), 7.5)  # fmt: skip
+    theirs = model.pipeline(
+        prompt, height=64, width=64, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=T,
+        output_type="latent",
+    ).images  # fmt: skip
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    inv = invert(model, [_image()], [prompt], num_ddim_steps=2, num_inner_steps=1, image_size=64)[0]
+    assert inv.null(0, model)["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What NTI optimises
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +167,7 @@ def test_default_optimises_prompt_embeds_and_pooled_and_round_trips(tmp_path, sd
     assert inv.null_embeddings.shape == (3, 77, 64) and set(inv.null_extra) == {"text_embeds"}
     null = sdxl.family.null(sdxl)
     assert not torch.equal(inv.null_extra["text_embeds"][-1], null["text_embeds"][0])  # it moved
-    assert torch.equal(inv.null(0, sdxl)["time_ids"], null["time_ids"])  # not optimised: the model's
+    assert inv.null(0, sdxl)["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]  # not optimised: the null's at 64 px
     loaded = load_inversion(save_inversion(tmp_path / "inv", inv), sdxl)
     assert torch.equal(loaded.null_extra["text_embeds"], inv.null_extra["text_embeds"])
     assert torch.equal(reconstruction_latents(sdxl, [loaded]), reconstruction_latents(sdxl, [inv]))

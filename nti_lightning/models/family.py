@@ -29,6 +29,7 @@ state), so one ``Family`` class serves both; the differences are data.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,11 @@ class Family:
         """Text encoders (and tokenizers) ``encode_prompts`` reads: 1, SDXL 2 (``text_encoder_2``)."""
         return 1
 
+    def at_size(self, image_size: int | None) -> Family:
+        """The family conditioning images of ``image_size`` px (None: the native size). SD1.x / SD2.x do not
+        depend on it; SDXL's time ids do."""
+        return self
+
     def learnable_keys(self, optimize: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
         """The null's keys NTI optimises: ``optimize`` (``InversionConfig.optimize``) checked against
         ``cond_keys``, or the family's default ``learnable``."""
@@ -159,9 +165,9 @@ class SDXLFamily(Family):
 
     ``encode_prompts`` → {"prompt_embeds": (B, 77, D₁ + D₂) the penultimate hidden states of both encoders
     concatenated, "text_embeds": (B, D₂) the second encoder's pooled projection, "time_ids": (B, 6)}. The
-    time ids are (native, native, 0, 0, native, native): original size = target size = the model's native
-    size, crop top-left (0, 0), StableDiffusionXLPipeline's defaults at its default height and width; the
-    null uses the same ones (its ``negative_add_time_ids`` default). NTI optimises the unconditional branch's
+    time ids are (s, s, 0, 0, s, s): original size = target size = the image side s (the native size unless
+    ``at_size``), crop top-left (0, 0), StableDiffusionXLPipeline's defaults at height = width = s; the null
+    uses the same ones (its ``negative_add_time_ids`` default). NTI optimises the unconditional branch's
     prompt_embeds and text_embeds per timestep; time_ids on request (``InversionConfig.optimize``)."""
 
     name: str = "sdxl"
@@ -173,6 +179,8 @@ class SDXLFamily(Family):
     """The pipeline's config (model_index.json): the null is all zeros instead of ψ("") (SDXL base: true)."""
     pooled_width: int = 1280
     """Width of ``text_embeds``: the second text encoder's ``projection_dim``."""
+    image_size: int | None = None
+    """The image side the time ids describe (``at_size``); None: the native size."""
 
     @property
     def description(self) -> str:
@@ -187,9 +195,13 @@ class SDXLFamily(Family):
     def num_text_encoders(self) -> int:
         return 2
 
+    def at_size(self, image_size: int | None) -> SDXLFamily:
+        native = image_size in (None, self.native_image_size)
+        return dataclasses.replace(self, image_size=None if native else int(image_size))
+
     def time_ids(self, batch_size: int) -> Tensor:
-        """(B, 6): original = target = native size, crop (0, 0)."""
-        s = self.native_image_size
+        """(B, 6): original = target = the image size (native unless ``at_size``), crop (0, 0)."""
+        s = self.image_size or self.native_image_size
         return size_time_ids((s, s), (0, 0), (s, s)).expand(batch_size, 6).clone()
 
     def encode_prompts(self, model, prompts: list[str]) -> Cond:

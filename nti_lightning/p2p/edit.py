@@ -190,7 +190,7 @@ def edit_batch(
     # 3. Sample all rows from z̄_T with the inversion's ∅_t (Algorithm 1 of P2P, z*_T ← z_T)
     device = model.device
     z_T = inversion.z_T[None].expand(B, -1, -1, -1).to(device)  # (B, C, h, w)
-    cond = model.family.encode_prompts(model, prompts)  # {key: (B, …)}
+    cond = inversion.sized_family(model).encode_prompts(model, prompts)  # {key: (B, …)}
     nulls = [{k: v.expand(B, *v.shape[1:]) for k, v in null.items()} for null in inversion.nulls(model)]
     w = guidance_scale if guidance_scale is not None else default_guidance_scale(inversion)
     callback = controller.step_callback if controller is not None else None
