@@ -82,8 +82,9 @@ def reconstruction_latents(
         raise ValueError("inversions were made with different timesteps than the model's scheduler gives")
     device = model.device
     z_T = torch.stack([inv.z_T for inv in inversions]).to(device)
-    cond = model.family.encode_prompts(model, [inv.prompt for inv in inversions])
-    nulls = [cat_cond([inv.null(i, model) for inv in inversions]) for i in range(T)]
+    cond = inversions[0].sized_family(model).encode_prompts(model, [inv.prompt for inv in inversions])
+    per_image = [inv.nulls(model) for inv in inversions]
+    nulls = [cat_cond([n[i] for n in per_image]) for i in range(T)]
     w = guidance_scale if guidance_scale is not None else inversions[0].meta["hyperparameters"]["guidance_scale"]
     guidance = record_guidance(inversions, rows_per_image=1, edit=False)
     return ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, nulls, w, guidance=guidance)
@@ -104,6 +105,7 @@ def ddim_baseline_latents(
     T = inversions[0].num_steps
     schedule = schedule_from_scheduler(model.scheduler, T)
     z_T = torch.stack([inv.pivot_zT for inv in inversions]).to(model.device)
-    cond = model.family.encode_prompts(model, [inv.prompt for inv in inversions])
-    null = model.family.null(model, len(inversions))
+    family = inversions[0].sized_family(model)  # SDXL: the time ids of the inverted size
+    cond = family.encode_prompts(model, [inv.prompt for inv in inversions])
+    null = family.null(model, len(inversions))
     return ddim_sample(runtime.denoiser(model.unet, model.family), schedule, z_T, cond, null, guidance_scale)

@@ -92,6 +92,10 @@ class InversionConfig:
     """Reference mode: run every network call one image at a time inside the batched loop, so each image's
     numbers are bit-identical to inverting it alone (kernels round differently per batch size, and Adam's
     ε = 1e-8 turns ~1e-10 gradient noise on near-zero elements into ~1e-5 moves). No batching speed-up."""
+    optimize: list[str] | None = None
+    """Keys of the null conditioning Null-text Inversion optimises per timestep; None = the family's default
+    (SD1.x / SD2.x: [prompt_embeds]; SDXL: [prompt_embeds, text_embeds] — the pooled embedding — and time_ids
+    on request, 6 more numbers a step for no measurable cost). Keys the list leaves out stay at the model's null."""
     prox_operator: str = "l0"
     """method "proxnpi": the proximal operator on Δ = ε(C) − ε(∅) at edit time, "l0" or "l1" as the authors'
     code (Han et al. 2023; their "l0" is Δ − clamp(Δ, −τ, τ)). Defaults: PIE-Bench's ProxNPI run."""

@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 FORMAT_VERSION = 1
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
 OPTIONAL_TENSOR_FIELDS = ("trajectory", "corrections")
+NULL_EXTRA_PREFIX = "null_embeddings."
+"""File names of ``Inversion.null_extra``: "null_embeddings.text_embeds", …"""
 
 
 class IncompatibleInversionError(ValueError):
@@ -42,11 +44,14 @@ class Inversion:
     inner_steps: torch.Tensor  # (T,) long: Adam steps applied per timestep
     final_loss: torch.Tensor  # (T,) float: last inner-step loss per timestep
     meta: dict[str, Any] = field(default_factory=dict)
-    """model_source, model_fingerprint, method, family ("sd1", "sd2", "sd2-v"), prediction_type ("epsilon",
+    """model_source, model_fingerprint, method, family ("sd1", "sd2", "sd2-v", "sdxl"), prediction_type ("epsilon",
     "v_prediction"), scheduler, hyperparameters, image_size, image, precision, …"""
     z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only; None: not sampled)
     trajectory: torch.Tensor | None = None  # (T + 1, C, h, w): z*_0 … z*_T (proxnpi's inversion guidance)
     corrections: torch.Tensor | None = None  # (T, C, h, w): Direct Inversion's c_t = z*_{t−1} − z_{t−1}, per i
+    null_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """∅_t's other optimised keys, {key: (T, …)}: SDXL's text_embeds (T, 1280), and time_ids (T, 6) where
+    ``InversionConfig.optimize`` asks; keys not here are the model's null (``Family.null``)."""
 
     @property
     def method(self) -> str:
@@ -57,11 +62,28 @@ class Inversion:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def null(self, i: int, model=None) -> dict[str, torch.Tensor]:
-        """∅_t of timestep index i as a one-row conditioning ({"prompt_embeds": (1, L, D)}), on the model's
-        device if a model is given."""
+    def null(self, i: int, model=None, fill: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """∅_t of timestep index i as a one-row conditioning ({"prompt_embeds": (1, L, D), …}), on the model's
+        device if a model is given. Keys the family's conditioning has but the record does not optimise (SDXL's
+        time_ids by default) are taken from ``fill`` (one-row), else from the model's null."""
         device = model.device if model is not None else None
-        return {"prompt_embeds": self.null_embeddings[i][None].to(device)}
+        out = {"prompt_embeds": self.null_embeddings[i][None].to(device)}
+        out.update({k: v[i][None].to(device) for k, v in self.null_extra.items()})
+        if fill is None and model is not None and set(model.family.cond_keys) - set(out):
+            fill = self.sized_family(model).null(model, 1)
+        if fill is not None:
+            out.update({k: v.to(device) for k, v in fill.items() if k not in out})
+        return out
+
+    def nulls(self, model) -> list[dict[str, torch.Tensor]]:
+        """[∅_t for every timestep index] (``null``), the model's null computed once."""
+        missing = set(model.family.cond_keys) - {"prompt_embeds", *self.null_extra}
+        fill = self.sized_family(model).null(model, 1) if missing else None
+        return [self.null(i, model, fill) for i in range(self.num_steps)]
+
+    def sized_family(self, model):
+        """``model.family`` at the size this record was inverted at (SDXL's time ids follow it)."""
+        return model.family.at_size(self.meta.get("image_size"))
 
 
 def _umask() -> int:
@@ -82,6 +104,8 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
         for name in TENSOR_FIELDS + OPTIONAL_TENSOR_FIELDS
         if getattr(inv, name) is not None
     }
+    for key, value in inv.null_extra.items():
+        tensors[NULL_EXTRA_PREFIX + key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
     record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"nti_lightning": json.dumps(record)})
@@ -104,7 +128,14 @@ def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
     if record.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {record.get('format_version')} is not {FORMAT_VERSION}")
     optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
-    inv = Inversion(prompt=record["prompt"], meta=record["meta"], **{k: tensors[k] for k in TENSOR_FIELDS}, **optional)
+    extra = {k[len(NULL_EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(NULL_EXTRA_PREFIX)}
+    inv = Inversion(
+        prompt=record["prompt"],
+        meta=record["meta"],
+        **{k: tensors[k] for k in TENSOR_FIELDS},
+        **optional,
+        null_extra=extra,
+    )
     if model is not None:
         check_compatible(inv, model, label=str(path))
     return inv

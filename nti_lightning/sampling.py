@@ -7,7 +7,8 @@ attention control and call counting are the caller's business (see ``runtime.Run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -52,18 +53,45 @@ def one_at_a_time(denoise: Denoiser) -> Denoiser:
 # ---------------------------------------------------------------------------------------------------------
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def vae_in_float32(vae) -> Iterator[None]:
+    """The VAE's weights in fp32 for the block, then back (diffusers' ``upcast_vae``, undone afterwards)."""
+    before = vae.dtype
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(before)
+
+
+def run_vae(model, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` (an encode or decode) in the VAE's dtype → float32, or in fp32 when the family asks for it
+    (``Family.vae_force_upcast``: SDXL's VAE overflows in fp16) or when the fp16/bf16 result is not finite."""
+    vae = model.vae
+    if vae.dtype not in LOW_PRECISION:
+        return fn(x.to(vae.device, vae.dtype)).float()
+    if not model.family.vae_force_upcast:
+        out = fn(x.to(vae.device, vae.dtype)).float()
+        if torch.isfinite(out).all():
+            return out
+    with vae_in_float32(vae):  # forced, or a non-finite low-precision result: retry in fp32
+        return fn(x.to(vae.device, torch.float32)).float()
+
+
 @torch.no_grad()
 def encode_latents(model, images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] → z*_0 (B, 4, H/8, W/8): mean of the latent distribution × scaling factor."""
-    x = images.to(model.vae.device, model.vae.dtype)
-    return model.vae.encode(x).latent_dist.mean.float() * model.scaling_factor
+    mean = run_vae(model, lambda x: model.vae.encode(x).latent_dist.mean, images)
+    return mean * model.scaling_factor
 
 
 @torch.no_grad()
 def decode_latents(model, latents: Tensor) -> Tensor:
     """(B, 4, h, w) → (B, 3, 8h, 8w) in [-1, 1] (clamped)."""
-    z = (latents / model.scaling_factor).to(model.vae.device, model.vae.dtype)
-    return model.vae.decode(z).sample.float().clamp(-1, 1)
+    return run_vae(model, lambda z: model.vae.decode(z).sample, latents / model.scaling_factor).clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -148,16 +148,17 @@ class SlotEngine:
             raise ValueError(f"rows must be >= 1, got {rows}")
         self.model, self.cfg, self.rows, self.pad = model, cfg, rows, pad
         self.runtime = runtime or Runtime()
-        self.family = model.family
         self.num_slots = slots or 2 * rows - 1
         self.schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
         self.denoise = self.runtime.denoiser(model.unet, model.family, per_sample=cfg.batch_invariant)
         self.inverter = get_inverter(cfg.method)
         size = image_size or cfg.image_size or model.native_image_size
+        self.family = model.family.at_size(size)  # SDXL: time ids of this size
         f = model.vae_scale_factor
         latent_shape = (int(model.unet.config.in_channels), size // f, size // f)
         null = self.family.null(model, 1)
-        T, learnable, corrections = cfg.num_ddim_steps, self.family.learnable, self.inverter.keeps_corrections
+        learnable = self.family.learnable_keys(cfg.optimize)  # SD: prompt_embeds; SDXL: + text_embeds [+ time_ids]
+        T, corrections = cfg.num_ddim_steps, self.inverter.keeps_corrections
         self.bank = SlotBank(self.num_slots, T, latent_shape, null, learnable, corrections)
         self.bank.to(model.device)
         self.slots: list[_SlotState | None] = [None] * self.num_slots
@@ -288,9 +289,13 @@ class SlotEngine:
         # requests answered, by kind: p.i outer steps each took one COND and one ADVANCE call
         meta["unet_calls"] = {"pivot": p.pivot_steps, "cond": p.i, "uncond_grad": int(inner.sum()) + p.skipped,
                               "uncond": p.i}  # fmt: skip
+        nulls = {k: bank.null_embeddings[k][s].detach().cpu().clone() for k in bank.learnable}  # {key: (T, …)}
+        if "prompt_embeds" not in nulls:  # not optimised: the model's null at every step
+            nulls["prompt_embeds"] = bank.null("prompt_embeds").cpu().expand(T, *bank.null("prompt_embeds").shape[1:])
         return Inversion(
             z_T=bank.trajectory[s, T].cpu().clone(),
-            null_embeddings=bank.null_embeddings["prompt_embeds"][s].detach().cpu().clone(),
+            null_embeddings=nulls.pop("prompt_embeds").clone(),
+            null_extra=nulls,
             timesteps=self.schedule.timesteps.cpu(),
             prompt=self.slots[s].prompt,
             pivot_z0=bank.trajectory[s, 0].cpu().clone(),

@@ -54,3 +54,23 @@ def encode_text(model, prompts: list[str]) -> torch.Tensor:
 def encode_null(model, batch_size: int = 1) -> torch.Tensor:
     """ψ("") repeated: (B, L, D) — the initial null embedding ∅_T (Algorithm 1, line 6)."""
     return encode_text(model, [""]).expand(batch_size, -1, -1).clone()
+
+
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    tok = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    return tok.input_ids.to(device)  # (B, L)
+
+
+@torch.no_grad()
+def encode_text_sdxl(model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's ψ(prompts) (StableDiffusionXLPipeline.encode_prompt, clip_skip None; Podell et al. 2023, §2.1):
+    (B,) strings → the penultimate hidden states of ``text_encoder`` and ``text_encoder_2`` concatenated,
+    (B, L, D₁ + D₂), and the pooled, projected ``text_embeds`` of ``text_encoder_2``, (B, D₂); each encoder
+    reads its own tokenizer's ids (SDXL's second pads with "!")."""
+    te1, te2 = model.text_encoder, model.text_encoder_2
+    out1 = te1(_token_ids(model.tokenizer, prompts, te1.device), output_hidden_states=True)
+    out2 = te2(_token_ids(model.tokenizer_2, prompts, te2.device), output_hidden_states=True)
+    hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D₁ + D₂)
+    return hidden.float(), out2.text_embeds.float()  # (B, L, D₁ + D₂), (B, D₂)

@@ -3,6 +3,11 @@ operation Algorithm 1 repeats N·T times per image, under each UNet option the p
 
     python scripts/bench_unet_step.py --model tiny --batch-sizes 1,4,8 --threads 1 --out benchmarks/cpu-tiny-step
     python scripts/bench_unet_step.py --model sd15 --batch-sizes 8 --variants eager,channels_last,bf16,compile
+    python scripts/bench_unet_step.py --model sdxl --batch-sizes 1,2,4 --variants eager,bf16,compile   # CUDA only
+
+Models: ``tiny``, ``sd15`` (SD1.5's shape, random weights), ``tiny-sdxl`` (the embedded SDXL-shaped toy) and
+``sdxl`` (SDXL base's UNet shape, ``bench.sdxl.SDXL_UNET_CONFIG``, 2.57 B random parameters at 1024 px: a CUDA
+GPU only). For SDXL UNets the backward reaches the pooled ``text_embeds`` too (NTI optimises both).
 
 Variants: ``eager`` (fp32, SDPA), ``channels_last``, ``bf16`` (autocast; fp16 on CUDA would time the same
 kernels), ``compile`` (``torch.compile``, default mode; its compile time is reported separately),
@@ -21,6 +26,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -31,7 +37,7 @@ VARIANTS = ("eager", "channels_last", "bf16", "compile", "compile-graphs")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--model", choices=("tiny", "sd15", "tiny-sdxl", "sdxl"), default="tiny")
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--variants", default="eager,channels_last,bf16,compile")
     p.add_argument("--iters", type=int, default=10, help="timed steps per round")
@@ -53,14 +59,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def build_step_model(name: str, device: torch.device):
+    """What to time: an ``NTIModel`` (tiny, sd15, tiny-sdxl) or, for ``sdxl``, SDXL base's UNet alone with
+    seeded random weights (the text encoders and VAE play no part in an inner step)."""
+    if name == "tiny-sdxl":
+        from nti_lightning.models import load_model
+
+        return load_model("tiny-sdxl", device=device)
+    if name != "sdxl":
+        return build_bench_model(name, device)
+    if device.type != "cuda":
+        raise SystemExit("--model sdxl needs a CUDA GPU (2.57 B parameters: 10 GB in fp32); use --model tiny-sdxl")
+    from diffusers import UNet2DConditionModel
+
+    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    return SimpleNamespace(unet=unet.requires_grad_(False).eval(), device=device)
+
+
+def null_inputs(unet, B: int, device: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """The null conditioning NTI optimises, with grad, and the UNet's keyword arguments: encoder_hidden_states
+    (B, 77, D); SDXL (``text_time``) also the pooled text_embeds (B, D₂) and the time ids (B, 6)."""
+    config = unet.config
+    null = torch.randn(B, 77, config.cross_attention_dim, device=device, requires_grad=True)  # (B, L, D)
+    kwargs = {"encoder_hidden_states": null}
+    if config.get("addition_embed_type") != "text_time":
+        return [null], kwargs
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    pooled = torch.randn(B, pooled_dim, device=device, requires_grad=True)  # (B, D₂)
+    size = float(config.sample_size * 8)
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * B, device=device)  # (B, 6)
+    kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    return [null, pooled], kwargs
+
+
 def make_step(model, variant: str, B: int):
     """(step(), compile_seconds): one forward + backward to the null embeddings of a batch of B."""
     unet, device = model.unet, model.device
     h = unet.config.sample_size  # the latent size the UNet was built for (64 for SD1.5 at 512 px)
     z = torch.randn(B, unet.config.in_channels, h, h, device=device)  # (B, 4, h, w)
     t = torch.tensor(501, device=device)
-    dim = model.text_encoder.config.hidden_size
-    null = torch.randn(B, model.tokenizer.model_max_length, dim, device=device, requires_grad=True)  # (B, L, D)
+    leaves, kwargs = null_inputs(unet, B, device)
     if variant == "channels_last":  # a copy, so the other variants keep the default layout
         unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
         z = z.contiguous(memory_format=torch.channels_last)
@@ -69,9 +111,10 @@ def make_step(model, variant: str, B: int):
     cast = torch.autocast(device.type, dtype=torch.bfloat16) if variant == "bf16" else nullcontext()
 
     def step() -> None:
-        null.grad = None
+        for leaf in leaves:
+            leaf.grad = None
         with cast:
-            eps = unet(z, t, encoder_hidden_states=null).sample
+            eps = unet(z, t, **kwargs).sample
         eps.float().square().mean().backward()
 
     t0 = time.perf_counter()
@@ -85,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_bench_model(args.model, device)
+    model = build_step_model(args.model, device)
     rows = []
     for B in args.batch_sizes:
         steps, first = {}, {}

@@ -14,6 +14,10 @@ centre crops resized bicubically to 128 px; none is used for training (``scripts
     python scripts/measure_tiny.py                                # print
     python scripts/measure_tiny.py --write docs/tiny_model.md     # and replace the measured block there
     python scripts/measure_tiny.py --model tiny-sd2-v --block sd2 --write docs/tiny_model.md   # the SD2-v model
+    python scripts/measure_tiny.py --model tiny-sdxl --block sdxl --write docs/tiny_model.md   # the SDXL model
+
+The model's family does the rest (SDXL: two text encoders, pooled embedding and time ids; NTI optimises the
+null's prompt_embeds and text_embeds); the VAE is measured in its own latent units (scaling not applied).
 """
 
 from __future__ import annotations

@@ -314,6 +314,21 @@ def rescale_latent_space(vae, views: torch.Tensor) -> float:
     return s
 
 
+@torch.no_grad()
+def refold_scaling_factor(vae, scaling_factor: float, force_upcast: bool) -> None:
+    """Gives a trained VAE another ``scaling_factor`` without changing the scaled latents it produces.
+
+    With s = old / new: E'(x) = s·E(x) and D'(z) = D(z / s), so new · E'(x) = old · E(x) (the UNet sees the
+    same latents) and D'(E'(x)) = D(E(x)). Used to give the tiny SDXL SDXL's 0.13025 (and ``force_upcast``)."""
+    lc = vae.config.latent_channels
+    s = vae.config.scaling_factor / scaling_factor
+    vae.quant_conv.weight[:lc] *= s
+    vae.quant_conv.bias[:lc] *= s
+    vae.quant_conv.bias[lc:] += 2 * math.log(s)
+    vae.post_quant_conv.weight /= s
+    vae.register_to_config(scaling_factor=scaling_factor, force_upcast=force_upcast)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. UNet: one trainer for the three families
 # ---------------------------------------------------------------------------------------------------------
@@ -550,6 +565,8 @@ def main() -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.base / "vae", torch_dtype=torch.float32).eval()
+        if family == "sdxl":  # SDXL's VAE config: scaling_factor 0.13025, force_upcast (same latents)
+            refold_scaling_factor(vae, tiny.SDXL_SCALING_FACTOR, force_upcast=True)
     components = tiny.build_random_family_components(family, cfg.seed, tokenizer=tokenizer, vae=vae)
     vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
     text_encoder.requires_grad_(False)

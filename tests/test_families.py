@@ -112,7 +112,7 @@ def test_bad_folders_are_clear_errors(tmp_path, sd2_dir):
         load_model(bad)
     _edit_json_text = {"_class_name": "StableDiffusionXLPipeline"}
     (bad / "model_index.json").write_text(json.dumps(_edit_json_text))
-    with pytest.raises(ModelFolderError, match="SDXL is not supported"):
+    with pytest.raises(ModelFolderError, match="needs a 'text_time' UNet"):  # an SDXL index over an SD2 UNet
         load_model(bad)
     shutil.copy(sd2_dir / "model_index.json", bad / "model_index.json")
     (bad / "unet" / "config.json").unlink()

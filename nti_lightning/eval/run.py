@@ -146,8 +146,8 @@ def uncontrolled_edit(model, inv, target: str) -> torch.Tensor:
     """[source, target] sampled from the record with its nulls and step guidance, no attention control."""
     schedule = schedule_from_scheduler(model.scheduler, inv.num_steps)
     z_T = inv.z_T[None].expand(2, -1, -1, -1).to(model.device)
-    cond = model.family.encode_prompts(model, [inv.prompt, target])
-    nulls = [{k: v.expand(2, *v.shape[1:]) for k, v in inv.null(i, model).items()} for i in range(inv.num_steps)]
+    cond = inv.sized_family(model).encode_prompts(model, [inv.prompt, target])
+    nulls = [{k: v.expand(2, *v.shape[1:]) for k, v in null.items()} for null in inv.nulls(model)]
     w = inv.meta["hyperparameters"]["guidance_scale"]
     denoise = Runtime().denoiser(model.unet, model.family)
     return ddim_sample(denoise, schedule, z_T, cond, nulls, w, None, record_guidance([inv], 2, edit=True)).cpu()

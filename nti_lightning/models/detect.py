@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-"""model_index.json classes whose components are a text-to-image SD1.x / SD2.x model."""
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+"""model_index.json classes of an SDXL model (two text encoders, a ``text_time`` UNet)."""
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", *SDXL_PIPELINES)
+"""model_index.json classes whose components are a text-to-image SD1.x / SD2.x / SDXL model."""
 COMPONENT_CONFIGS = {
     "unet": "config.json",
     "vae": "config.json",
@@ -25,7 +27,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 class ModelFolderError(ValueError):
-    """A folder that is not a loadable SD1.x / SD2.x diffusers model; the message says why."""
+    """A folder that is not a loadable SD1.x / SD2.x / SDXL diffusers model; the message says why."""
 
 
 class UnsupportedSchedulerError(ValueError):
@@ -39,13 +41,16 @@ class FolderInfo:
     unet: dict[str, Any]
     vae: dict[str, Any]
     scheduler: dict[str, Any]
+    index: dict[str, Any]
+    """model_index.json (SDXL: ``force_zeros_for_empty_prompt``)."""
 
 
 def _read_json(path: Path, folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(
             f"{folder} has no {path.relative_to(folder)}; a diffusers folder written by save_pretrained has "
-            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ "
+            "and tokenizer_2/)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -61,17 +66,26 @@ def inspect_folder(folder: str | Path) -> FolderInfo:
     folder = Path(folder)
     index = _read_json(folder / "model_index.json", folder)
     cls = index.get("_class_name")
-    if cls == "StableDiffusionXLPipeline":
-        raise ModelFolderError(f"{folder} is an SDXL model ({cls}); SDXL is not supported yet, only SD1.x and SD2.x")
     if cls not in SUPPORTED_PIPELINES:
         raise ModelFolderError(
-            f"{folder}: model_index.json names {cls!r}; expected a Stable Diffusion 1.x / 2.x text-to-image "
+            f"{folder}: model_index.json names {cls!r}; expected a Stable Diffusion 1.x / 2.x / XL text-to-image "
             f"pipeline ({', '.join(SUPPORTED_PIPELINES)})"
         )
+    sdxl = cls in SDXL_PIPELINES
     configs = {name: _read_json(folder / name / file, folder) for name, file in COMPONENT_CONFIGS.items()}
-    if not (folder / "tokenizer").is_dir():
-        raise ModelFolderError(f"{folder} has no tokenizer/ folder (vocab.json and merges.txt of a CLIPTokenizer)")
-    return FolderInfo(folder, cls, configs["unet"], configs["vae"], configs["scheduler"])
+    text_time = configs["unet"].get("addition_embed_type") == "text_time"
+    if sdxl != text_time:
+        raise ModelFolderError(
+            f"{folder}: model_index.json names {cls} but unet/config.json has addition_embed_type="
+            f"{configs['unet'].get('addition_embed_type')!r}; an SDXL pipeline needs a 'text_time' UNet and an "
+            "SD1.x / SD2.x pipeline a UNet without one. Fix model_index.json or the UNet config."
+        )
+    if sdxl:
+        configs["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json", folder)
+    for tok in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        if not (folder / tok).is_dir():
+            raise ModelFolderError(f"{folder} has no {tok}/ folder (vocab.json and merges.txt of a CLIPTokenizer)")
+    return FolderInfo(folder, cls, configs["unet"], configs["vae"], configs["scheduler"], index)
 
 
 def check_scheduler_config(config: dict[str, Any], source: str = "model") -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.models.detect import ModelFolderError, check_scheduler_config, inspect_folder
+from nti_lightning.models.detect import SDXL_PIPELINES, ModelFolderError, check_scheduler_config, inspect_folder
 from nti_lightning.models.family import Family, family_from_configs
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS_DIR / "tiny"
-EMBEDDED = {"tiny": TINY_DIR, "tiny-sd2-v": ASSETS_DIR / "tiny_sd2"}
+EMBEDDED = {"tiny": TINY_DIR, "tiny-sd2-v": ASSETS_DIR / "tiny_sd2", "tiny-sdxl": ASSETS_DIR / "tiny_sdxl"}
 """Names of the embedded models → their diffusers folders inside the package."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,9 +46,12 @@ class NTIModel:
     family: Family | None = None
     """What differs between Stable Diffusion variants (conditioning, the null, the prediction type, sizes);
     read off the component configs when not given."""
+    text_encoder_2: torch.nn.Module | None = None
+    """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD1.x / SD2.x."""
+    tokenizer_2: object | None = None
 
     def __post_init__(self) -> None:
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.modules:
             m.requires_grad_(False)  # frozen: backward fills no weight gradients
             m.eval()
         if self.family is None:
@@ -57,6 +60,12 @@ class NTIModel:
             )
         if not self.fingerprint:
             self.fingerprint = compute_fingerprint(self)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks: unet, vae, text_encoder (and text_encoder_2 for SDXL)."""
+        extra = [self.text_encoder_2] if self.text_encoder_2 is not None else []
+        return [self.unet, self.vae, self.text_encoder, *extra]
 
     @property
     def device(self) -> torch.device:
@@ -89,9 +98,22 @@ class NTIModel:
 
     @cached_property
     def pipeline(self):
-        """A diffusers ``StableDiffusionPipeline`` sharing these components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        """A diffusers ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) sharing these
+        components (no safety checker, no watermark)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=bool(getattr(self.family, "force_zeros_for_empty_prompt", True)),
+                add_watermarker=False,
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -104,7 +126,7 @@ class NTIModel:
         )
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NTIModel:
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.modules:
             m.to(device=device, dtype=dtype)
         return self
 
@@ -119,16 +141,41 @@ def ddim_scheduler_from(config, source: str = "model") -> object:
     return DDIMScheduler.from_config(config, clip_sample=False)
 
 
-def model_from_components(unet, vae, text_encoder, tokenizer, scheduler, source: str = "components") -> NTIModel:
-    """An ``NTIModel`` of loaded components; the family is read off their configs (``ValueError`` if none fits)."""
+def model_from_components(
+    unet,
+    vae,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    source: str = "components",
+    text_encoder_2=None,
+    tokenizer_2=None,
+    force_zeros_for_empty_prompt: bool = True,
+) -> NTIModel:
+    """An ``NTIModel`` of loaded components; the family is read off their configs (``ValueError`` if none fits).
+
+    SDXL (a ``text_time`` UNet) needs ``text_encoder_2`` and ``tokenizer_2``; ``force_zeros_for_empty_prompt``
+    is its pipeline's option (diffusers' default true: the null is zeros rather than ψ(""))."""
     sched = ddim_scheduler_from(scheduler.config, source=f"model {source}")
+    pipeline_config = {"force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
     try:
         family = family_from_configs(
-            dict(unet.config), dict(vae.config), dict(sched.config), int(tokenizer.model_max_length)
+            dict(unet.config), dict(vae.config), dict(sched.config), int(tokenizer.model_max_length), pipeline_config
         )
     except ValueError as e:
         raise ModelFolderError(f"model {source}: {e}") from e
-    return NTIModel(unet, vae, text_encoder, tokenizer, sched, source=source, family=family)
+    sdxl = family.num_text_encoders == 2
+    if sdxl and (text_encoder_2 is None or tokenizer_2 is None):
+        raise ModelFolderError(
+            f"model {source}: an SDXL UNet (addition_embed_type='text_time') needs text_encoder_2 and tokenizer_2 "
+            "(a StableDiffusionXLPipeline's components)"
+        )
+    if not sdxl and text_encoder_2 is not None:
+        raise ModelFolderError(f"model {source}: text_encoder_2 given, but the UNet is not an SDXL (text_time) UNet")
+    return NTIModel(
+        unet, vae, text_encoder, tokenizer, sched, source=source, family=family,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )  # fmt: skip
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -145,36 +192,49 @@ def _quiet_libraries() -> None:
         lib.set_verbosity_error()
 
 
+def _pipeline_class(pipeline_class: str | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if pipeline_class in SDXL_PIPELINES else StableDiffusionPipeline
+
+
+def _pipeline_kwargs(pipeline_class: str | None, kwargs: dict) -> dict:
+    """SD1.x / SD2.x: no safety checker; SDXL has none, and no invisible watermark (it would need a package)."""
+    if pipeline_class in SDXL_PIPELINES:
+        return {"dtype": kwargs["dtype"], "add_watermarker": False}
+    return kwargs
+
+
 def _from_folder(folder: Path, kwargs: dict):
     """A checked diffusers folder (``detect.inspect_folder``, scheduler options first) → the pipeline."""
-    from diffusers import StableDiffusionPipeline
-
     info = inspect_folder(folder)
     check_scheduler_config(info.scheduler, f"model {folder}")
-    try:  # refuses SDXL / inpainting UNets before any weight is read
-        family_from_configs(info.unet, info.vae, info.scheduler, 77)
+    try:  # refuses inpainting UNets and mismatched SDXL folders before any weight is read
+        family_from_configs(info.unet, info.vae, info.scheduler, 77, info.index)
     except ValueError as e:
         raise ModelFolderError(f"model {folder}: {e}") from e
-    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+    cls = _pipeline_class(info.pipeline_class)
+    return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs))
 
 
 def _from_single_file(path: Path, config_dir, kwargs: dict):
-    from diffusers import StableDiffusionPipeline
-
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    extra = {}
+    extra, pipeline_class = {}, None
     if config_dir is not None:
         info = inspect_folder(config_dir)  # the configs the checkpoint's weights are read into
         check_scheduler_config(info.scheduler, f"model config {config_dir}")
         extra = {"config": str(config_dir), "local_files_only": True}
+        pipeline_class = info.pipeline_class
+    cls = _pipeline_class(pipeline_class)
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), **extra, **kwargs)
+        return cls.from_single_file(str(path), **extra, **_pipeline_kwargs(pipeline_class, kwargs))
     except Exception as e:  # diffusers raises many kinds here; say what to do
         raise RuntimeError(
             f"could not load single-file checkpoint {path}: {e}. Offline, pass config_dir= a diffusers folder "
-            "with the matching model configs (an SD1.x or SD2.x folder: for a 768-v checkpoint one whose "
-            "scheduler has prediction_type v_prediction)."
+            "with the matching model configs (an SD1.x, SD2.x or SDXL folder: for a 768-v checkpoint one whose "
+            "scheduler has prediction_type v_prediction; for an SDXL checkpoint a StableDiffusionXLPipeline "
+            "folder)."
         ) from e
 
 
@@ -184,9 +244,9 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     config_dir: str | os.PathLike | None = None,
 ) -> NTIModel:
-    """Loads a Stable Diffusion 1.x / 2.x model for inversion; the family is detected (``model.family``).
+    """Loads a Stable Diffusion 1.x / 2.x / XL model for inversion; the family is detected (``model.family``).
 
-    spec: an embedded name ("tiny", "tiny-sd2-v"), a local diffusers folder (``save_pretrained`` layout), a
+    spec: an embedded name ("tiny", "tiny-sd2-v", "tiny-sdxl"), a local diffusers folder (``save_pretrained`` layout), a
     single-file checkpoint (.safetensors/.ckpt; ``config_dir`` names a diffusers folder with the matching
     configs, needed offline), or a hub id (only where the machine can reach a hub). Unloadable folders and
     unsupported models or scheduler options raise one-line errors saying why.
@@ -218,7 +278,14 @@ def load_model(
                 f".safetensors/.ckpt file, and loading it as a hub id failed ({type(e).__name__}: {e}). Without "
                 "a hub, download the model elsewhere and pass its local folder."
             ) from e
-    model = model_from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source)
+    sdxl = dict(
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+    )
+    model = model_from_components(
+        pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source, **sdxl
+    )
     if device is not None and torch.device(device) != model.device:  # .to() on the same device only warns
         model.to(device)
     return model
@@ -233,7 +300,8 @@ def compute_fingerprint(model: NTIModel) -> str:
     float32 or float16 has one fingerprint.
     """
     h = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if model.text_encoder_2 is not None else ())
+    for name in names:
         h.update(name.encode())
         for key, tensor in getattr(model, name).state_dict().items():
             flat = tensor.detach().flatten()

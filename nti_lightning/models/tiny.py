@@ -21,7 +21,8 @@ scaled down as SD1's 768 → 32), a tokenizer padding with "!" as OpenCLIP's, v-
 ``SDXL_UNET_CONFIG`` (SDXL: two text encoders, the second with a projection, ``addition_embed_type="text_time"``
 conditioning on pooled text and ``add_time_ids``); ``build_random_family_components`` builds them. They are
 written to ``assets/tiny_sd2`` / ``assets/tiny_sdxl`` when trained (``TINY_SD2_DIR`` / ``TINY_SDXL_DIR``);
-the trained SD2 one ships and loads as ``load_model("tiny-sd2-v")``.
+the trained ones ship and load as ``load_model("tiny-sd2-v")`` and ``load_model("tiny-sdxl")`` (whose VAE is
+the sd1 one refolded to SDXL's ``scaling_factor`` 0.13025 with ``force_upcast``, ``SDXL_VAE_CONFIG``).
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ SD2_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "prediction_type": "
 
 SDXL_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "timestep_spacing": "leading"}
 
+SDXL_SCALING_FACTOR = 0.13025
+"""SDXL's VAE ``scaling_factor``; the tiny SDXL's VAE is the sd1 one with its latent scale refolded to it."""
+SDXL_VAE_CONFIG: dict[str, Any] = {**VAE_CONFIG, "scaling_factor": SDXL_SCALING_FACTOR, "force_upcast": True}
+"""SDXL's VAE config keys at the tiny VAE's widths: ``force_upcast`` (SDXL's VAE overflows in fp16)."""
+
 TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
     "hidden_size": TEXT_HIDDEN_SIZE,
@@ -290,6 +296,13 @@ def build_random_family_components(
     out = {**base, "unet": unet.eval(), "scheduler": _DDIM(**FAMILY_SCHEDULER_CONFIG[family])}
     if vae is not None:
         out["vae"] = vae
+    elif family == "sdxl":
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed + 1)
+            out["vae"] = AutoencoderKL(**copy.deepcopy(SDXL_VAE_CONFIG)).eval()
+        finally:
+            torch.random.set_rng_state(generator_state)
     if family == "sdxl":
         out["text_encoder_2"] = text_encoder_2.eval()
         out["tokenizer_2"] = out["tokenizer"]

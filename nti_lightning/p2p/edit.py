@@ -171,7 +171,6 @@ def edit_batch(
     if not torch.equal(inversion.timesteps, schedule.timesteps):
         raise ValueError("the inversion was made with other timesteps than the model's scheduler gives")
     source = inversion.prompt
-    T = schedule.num_steps
     targets = [check_prompt(model.tokenizer, s.target, label=f"target prompt {k + 1}") for k, s in enumerate(specs)]
     prompts = [source, *targets]
     B = len(prompts)
@@ -191,8 +190,8 @@ def edit_batch(
     # 3. Sample all rows from z̄_T with the inversion's ∅_t (Algorithm 1 of P2P, z*_T ← z_T)
     device = model.device
     z_T = inversion.z_T[None].expand(B, -1, -1, -1).to(device)  # (B, C, h, w)
-    cond = model.family.encode_prompts(model, prompts)  # {key: (B, …)}
-    nulls = [{k: v.expand(B, *v.shape[1:]) for k, v in inversion.null(i, model).items()} for i in range(T)]
+    cond = inversion.sized_family(model).encode_prompts(model, prompts)  # {key: (B, …)}
+    nulls = [{k: v.expand(B, *v.shape[1:]) for k, v in null.items()} for null in inversion.nulls(model)]
     w = guidance_scale if guidance_scale is not None else default_guidance_scale(inversion)
     callback = controller.step_callback if controller is not None else None
     guidance = record_guidance([inversion], rows_per_image=B, edit=True)  # the record's method: proxnpi, direct
