@@ -152,3 +152,12 @@ def write_single_file(model, path: str | Path) -> Path:
     path = Path(path)
     save_file(to_ldm_state_dict(model), str(path))
     return path
+
+
+def copy_configs(folder: str | Path, dest: str | Path) -> Path:
+    """``folder`` (a diffusers folder) without its weight files: the configs and tokenizer a single-file
+    checkpoint needs, so whatever loads from it can only have read its weights from the checkpoint."""
+    import shutil
+
+    weights = ("*.safetensors", "*.bin", "*.ckpt", "*.pt")
+    return Path(shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(*weights)))
