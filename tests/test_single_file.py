@@ -4,15 +4,20 @@ config_dir=folder)`` gives the folder's model, bad input gives one clear error, 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from single_file import copy_configs, write_single_file
 
-from nti_lightning import load_model
+from nti_lightning import load_inversion, load_model
 from nti_lightning.cli import main
+from nti_lightning.eval.report import read_records
 from nti_lightning.models.detect import ModelFolderError
 from nti_lightning.models.loading import EMBEDDED, check_checkpoint_matches
+from nti_lightning.p2p.cli import model_args_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on a busy 2-core machine: 10x slower UNet calls
 
@@ -93,3 +98,43 @@ def test_text_encoder_layout_must_be_the_folders():
     shapes["cond_stage_model.model.token_embedding.weight"] = (1280, 32)
     with pytest.raises(ModelFolderError, match=r"is an SD2\.x .* checkpoint but cfg is an SD1\.x"):
         check_checkpoint_matches(shapes, {"cross_attention_dim": 32}, "f.safetensors", "cfg")
+
+
+def test_edit_takes_the_model_from_the_record_unless_given():
+    meta = {"model_source": "/m/sd2.safetensors", "model_config_dir": "/m/sd2-configs"}
+    assert model_args_for(meta, None, None) == ("/m/sd2.safetensors", "/m/sd2-configs")
+    assert model_args_for(meta, "/n/x.safetensors", "/n/cfg") == ("/n/x.safetensors", "/n/cfg")
+    assert model_args_for(meta, "/moved/sd2.safetensors", None) == ("/moved/sd2.safetensors", "/m/sd2-configs")
+    assert model_args_for({"model_source": "tiny"}, None, None) == ("tiny", None)
+
+
+def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path):
+    """`nti invert --model file.safetensors model.config_dir=<folder>`, then `nti edit` with no --model."""
+    _, path, configs = converted["tiny-sd2-v"]
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "red.png", "prompt": "a red wall"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["invert", "--images", str(tmp_path / "red.png"), "--captions", str(tmp_path / "captions.jsonl")]
+    argv += ["--output", str(out), "--model", str(path), f"model.config_dir={configs}", "--quiet"]
+    argv += ["inversion.num_ddim_steps=2", "inversion.num_inner_steps=1", "inversion.image_size=64"]
+    assert main(argv) == 0
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    inv_path = out / rec["paths"]["inversion"]
+    meta = load_inversion(inv_path).meta
+    assert (meta["family"], meta["prediction_type"]) == ("sd2-v", "v_prediction")
+    assert (meta["model_source"], meta["model_config_dir"]) == (str(path.resolve()), str(configs.resolve()))
+
+    assert main(["edit", str(inv_path), "--target", "a blue wall", "--device", "cpu"]) == 0
+    edit = Image.open(inv_path.parent / "edits" / "a_blue_wall.png")
+    assert edit.size == (64, 64)
+
+
+def test_eval_on_a_single_file_checkpoint(converted, tmp_path):
+    """`nti eval --model file.safetensors --config-dir <folder>`: one PIE-format image, one method, offline."""
+    _, path, configs = converted["tiny"]
+    out = tmp_path / "ev"
+    argv = ["eval", str(EMBEDDED["tiny"].parent / "pie_sample"), "--out", str(out), "--methods", "ddim"]
+    argv += ["--limit", "1", "--steps", "2", "--no-strips", "--model", str(path), "--config-dir", str(configs)]
+    assert main(argv) == 0
+    assert json.loads((out / "eval.json").read_text())["model_source"] == str(path.resolve())
+    assert [r["method"] for r in read_records(out)] == ["ddim"]
