@@ -108,8 +108,9 @@ def test_edit_takes_the_model_from_the_record_unless_given():
     assert model_args_for({"model_source": "tiny"}, None, None) == ("tiny", None)
 
 
-def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path):
-    """`nti invert --model file.safetensors model.config_dir=<folder>`, then `nti edit` with no --model."""
+def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path, capsys):
+    """`nti invert --model file.safetensors model.config_dir=<folder>`, then `nti edit` with no --model; the same
+    output folder refuses another config folder."""
     _, path, configs = converted["tiny-sd2-v"]
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
     (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "red.png", "prompt": "a red wall"}) + "\n")
@@ -127,6 +128,13 @@ def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path):
     assert main(["edit", str(inv_path), "--target", "a blue wall", "--device", "cpu"]) == 0
     edit = Image.open(inv_path.parent / "edits" / "a_blue_wall.png")
     assert edit.size == (64, 64)
+
+    other = copy_configs(configs, tmp_path / "other-configs")  # same configs elsewhere: another run's folder
+    argv[argv.index(f"model.config_dir={configs}")] = f"model.config_dir={other}"
+    assert main(argv) == 2
+    assert (
+        f"model_config_dir: {str(configs.resolve())!r} there, {str(other.resolve())!r} now" in capsys.readouterr().err
+    )
 
 
 def test_eval_on_a_single_file_checkpoint(converted, tmp_path):
