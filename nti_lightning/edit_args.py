@@ -83,6 +83,11 @@ def add_edit_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", default=D.attention, help="also save each token's map (PNG)")
     p.add_argument("--overwrite", action="store_true", default=D.overwrite, help="replace an edit of the same name")
     p.add_argument("--model", default=None, help="model to load (default: the one recorded in the inversion)")
+    p.add_argument(
+        "--config-dir",
+        default=None,
+        help="a single-file checkpoint's diffusers config folder (default: the one recorded in the inversion)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--output", default=None, help="picture folder (single form; default: <inversion dir>/edits)")
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="edits per sampling pass (default %(default)s)")

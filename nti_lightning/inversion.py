@@ -44,8 +44,9 @@ class Inversion:
     inner_steps: torch.Tensor  # (T,) long: Adam steps applied per timestep
     final_loss: torch.Tensor  # (T,) float: last inner-step loss per timestep
     meta: dict[str, Any] = field(default_factory=dict)
-    """model_source, model_fingerprint, method, family ("sd1", "sd2", "sd2-v", "sdxl"), prediction_type ("epsilon",
-    "v_prediction"), scheduler, hyperparameters, image_size, image, precision, …"""
+    """model_source, model_config_dir (a single-file checkpoint's config folder, else None), model_fingerprint,
+    method, family ("sd1", "sd2", "sd2-v", "sdxl"), prediction_type ("epsilon", "v_prediction"), scheduler,
+    hyperparameters, image_size, image, precision, …"""
     z_0: torch.Tensor | None = None  # (C, h, w): z̄_0 from the optimisation (in memory only; None: not sampled)
     trajectory: torch.Tensor | None = None  # (T + 1, C, h, w): z*_0 … z*_T (proxnpi's inversion guidance)
     corrections: torch.Tensor | None = None  # (T, C, h, w): Direct Inversion's c_t = z*_{t−1} − z_{t−1}, per i

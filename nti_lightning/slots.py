@@ -170,6 +170,7 @@ class SlotEngine:
             "nti_lightning_version": __version__,
             "method": cfg.method,
             "model_source": model.source,
+            "model_config_dir": model.config_dir,
             "model_fingerprint": model.fingerprint,
             "family": self.family.name,
             "prediction_type": self.schedule.prediction_type,

@@ -28,6 +28,9 @@ class EvalConfig:
     """Inverters to compare (``InversionConfig.method``), in this order."""
     model: str = "tiny"
     """``model.spec`` of ``nti invert``: "tiny" (embedded), a diffusers folder or a single checkpoint."""
+    config_dir: str | None = None
+    """``model.config_dir`` of ``nti invert``: a single-file checkpoint's diffusers config folder (or an embedded
+    name); needed offline."""
     device: str | None = None
     """torch device; None: cuda:LOCAL_RANK if CUDA is there, else cpu."""
     num_ddim_steps: int = 50
@@ -104,6 +107,7 @@ def add_eval_subparser(subparsers):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--model", default="tiny", help="model spec (default: the embedded tiny model)")
+    p.add_argument("--config-dir", default=None, help="a single-file checkpoint's diffusers config folder")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps T of every method (default 50)")
     p.add_argument("--inner-steps", type=int, default=10, help="NTI's Adam steps per timestep N (default 10)")
@@ -122,9 +126,10 @@ def add_eval_subparser(subparsers):
 
 def config_from_args(args) -> EvalConfig:
     return EvalConfig(
-        data=args.data, out=args.out, methods=args.methods.split(","), model=args.model, device=args.device,
-        num_ddim_steps=args.steps, num_inner_steps=args.inner_steps, guidance_scale=args.guidance_scale,
-        image_size=args.image_size, batch_size=args.batch_size, limit=args.limit, lpips=args.lpips,
+        data=args.data, out=args.out, methods=args.methods.split(","), model=args.model,
+        config_dir=args.config_dir, device=args.device, num_ddim_steps=args.steps,
+        num_inner_steps=args.inner_steps, guidance_scale=args.guidance_scale, image_size=args.image_size,
+        batch_size=args.batch_size, limit=args.limit, lpips=args.lpips,
         dino=args.dino, clip=args.clip, shard_index=args.shard_index, num_shards=args.num_shards,
         strips=not args.no_strips,
     )  # fmt: skip

@@ -279,7 +279,8 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False, log: Log = _stderr) -> di
         out = Path(cfg.out)
         entries = my_entries(cfg, log)  # 1
         device = cfg.device or (f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
-        model = load_model(cfg.model, device=device)  # 3 (the identity needs the model's fingerprint)
+        # 3 (the identity needs the model's fingerprint)
+        model = load_model(cfg.model, device=device, config_dir=cfg.config_dir)
         claim_folder(out, eval_identity(cfg, model), overwrite)  # 2
         finished = report.finished(out)
         todo = {m: [e for e in entries if (e.entry_id, m) not in finished] for m in cfg.methods}

@@ -20,8 +20,14 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.models.detect import SDXL_PIPELINES, ModelFolderError, check_scheduler_config, inspect_folder
-from nti_lightning.models.family import Family, family_from_configs
+from nti_lightning.models.detect import (
+    SDXL_PIPELINES,
+    ModelFolderError,
+    UnsupportedSchedulerError,
+    check_scheduler_config,
+    inspect_folder,
+)
+from nti_lightning.models.family import Family, family_from_configs, is_sd2_layout
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS_DIR / "tiny"
@@ -49,6 +55,9 @@ class NTIModel:
     text_encoder_2: torch.nn.Module | None = None
     """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD1.x / SD2.x."""
     tokenizer_2: object | None = None
+    config_dir: str | None = None
+    """For a single-file checkpoint: the diffusers folder its configs were read from (inversions record it, so
+    ``nti edit`` reloads the same model); None otherwise."""
 
     def __post_init__(self) -> None:
         for m in self.modules:
@@ -217,13 +226,75 @@ def _from_folder(folder: Path, kwargs: dict):
     return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs))
 
 
+CHECKPOINT_PARTS = {
+    "model.diffusion_model.": "UNet",
+    "first_stage_model.": "VAE",
+    "cond_stage_model.": "text encoder",
+}
+"""Key prefixes of an original (LDM / CompVis) SD1.x / SD2.x checkpoint → the component under each."""
+CROSS_ATTENTION_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+"""The first cross-attention's key projection: its input width is the text width (768 SD1.x, 1024 SD2.x)."""
+OPEN_CLIP_KEY = "cond_stage_model.model.token_embedding.weight"
+"""Present in SD2.x checkpoints (OpenCLIP text encoder); SD1.x ones hold cond_stage_model.transformer.* (CLIP)."""
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Key → shape of a .safetensors file's tensors, read from its header (no weights); None for a .ckpt."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ModelFolderError(f"checkpoint {path} is not a readable .safetensors file ({e})") from e
+
+
+def check_checkpoint_matches(shapes: dict[str, tuple[int, ...]], unet_config: dict, path, config_dir) -> None:
+    """Refuses a checkpoint that is not a whole SD1.x / SD2.x model, or whose family is not the config folder's.
+
+    Diffusers would otherwise fill a component missing from the file with the folder's own weights (or leave it
+    random), and read weights into configs of another family wherever the shapes happen to fit."""
+    fix = f"config_dir must be the diffusers folder of the checkpoint's own model (config_dir={config_dir})"
+    for prefix, part in CHECKPOINT_PARTS.items():
+        if not any(k.startswith(prefix) for k in shapes):
+            raise ModelFolderError(
+                f"checkpoint {path} has no {part} weights ({prefix}*): not a whole original-layout SD1.x / SD2.x "
+                "checkpoint; load a diffusers folder instead, or a checkpoint with UNet, VAE and text encoder"
+            )
+    width = int(unet_config.get("cross_attention_dim", 768))
+    if CROSS_ATTENTION_KEY in shapes and shapes[CROSS_ATTENTION_KEY][-1] != width:
+        raise ModelFolderError(
+            f"checkpoint {path}: its UNet reads text of width {shapes[CROSS_ATTENTION_KEY][-1]} but {config_dir}'s "
+            f"unet/config.json has cross_attention_dim {width}; {fix} (SD2.x: 1024, SD1.x: 768)"
+        )
+    file_sd2, folder_sd2 = OPEN_CLIP_KEY in shapes, is_sd2_layout(unet_config)
+    if file_sd2 != folder_sd2:
+        name = {True: "SD2.x (OpenCLIP text encoder, linear projections)", False: "SD1.x (CLIP text encoder)"}
+        raise ModelFolderError(
+            f"checkpoint {path} is an {name[file_sd2]} checkpoint but {config_dir} is an {name[folder_sd2]} "
+            f"folder; {fix}"
+        )
+
+
 def _from_single_file(path: Path, config_dir, kwargs: dict):
+    """A single-file checkpoint → the pipeline; ``config_dir`` (a diffusers folder: its configs and tokenizer,
+    weights not needed) names the architecture and the scheduler, so the family is the folder's."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .safetensors or .ckpt file")
     extra, pipeline_class = {}, None
     if config_dir is not None:
-        info = inspect_folder(config_dir)  # the configs the checkpoint's weights are read into
-        check_scheduler_config(info.scheduler, f"model config {config_dir}")
+        try:  # the configs the checkpoint's weights are read into
+            info = inspect_folder(config_dir)
+            check_scheduler_config(info.scheduler, f"model config {config_dir}")
+            family_from_configs(info.unet, info.vae, info.scheduler, 77, info.index)
+        except ValueError as e:
+            kind = type(e) if isinstance(e, (ModelFolderError, UnsupportedSchedulerError)) else ModelFolderError
+            raise kind(f"config_dir {config_dir} for checkpoint {path}: {e}") from e
+        shapes = checkpoint_shapes(path) if info.pipeline_class not in SDXL_PIPELINES else None  # SD1.x / SD2.x keys
+        if shapes is not None:
+            check_checkpoint_matches(shapes, info.unet, path, config_dir)
         extra = {"config": str(config_dir), "local_files_only": True}
         pipeline_class = info.pipeline_class
     cls = _pipeline_class(pipeline_class)
@@ -238,6 +309,16 @@ def _from_single_file(path: Path, config_dir, kwargs: dict):
         ) from e
 
 
+def resolve_config_dir(config_dir) -> tuple[Path | None, str | None]:
+    """``config_dir`` → (the folder, what an inversion records): an embedded name ("tiny", "tiny-sd2-v") is its
+    folder inside the package and is recorded by name; a path is recorded absolute."""
+    if config_dir is None:
+        return None, None
+    if str(config_dir) in EMBEDDED:
+        return EMBEDDED[str(config_dir)], str(config_dir)
+    return Path(config_dir), str(Path(config_dir).resolve())
+
+
 def load_model(
     spec: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,
@@ -246,16 +327,18 @@ def load_model(
 ) -> NTIModel:
     """Loads a Stable Diffusion 1.x / 2.x / XL model for inversion; the family is detected (``model.family``).
 
-    spec: an embedded name ("tiny", "tiny-sd2-v", "tiny-sdxl"), a local diffusers folder (``save_pretrained`` layout), a
-    single-file checkpoint (.safetensors/.ckpt; ``config_dir`` names a diffusers folder with the matching
-    configs, needed offline), or a hub id (only where the machine can reach a hub). Unloadable folders and
-    unsupported models or scheduler options raise one-line errors saying why.
+    spec: an embedded name ("tiny", "tiny-sd2-v", "tiny-sdxl"), a local diffusers folder (``save_pretrained``
+    layout), a single-file checkpoint (.safetensors/.ckpt in the original LDM layout; ``config_dir`` names a
+    diffusers folder with the matching configs and tokenizer, or an embedded name; needed offline;
+    ``model.config_dir`` remembers it), or a hub id (only where the machine can reach a hub). Unloadable folders
+    and unsupported models or scheduler options raise one-line errors saying why.
     """
     from diffusers import StableDiffusionPipeline
 
     _quiet_libraries()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
+    used_config_dir = None  # only a single-file checkpoint reads its configs from config_dir
     kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
     if spec_str in EMBEDDED:
         path, source = EMBEDDED[spec_str], spec_str
@@ -267,7 +350,8 @@ def load_model(
         pipe = _from_folder(Path(spec_str), kwargs)
     elif Path(spec_str).suffix in (".safetensors", ".ckpt"):
         source = str(Path(spec_str).resolve())
-        pipe = _from_single_file(Path(spec_str), config_dir, kwargs)
+        config_path, used_config_dir = resolve_config_dir(config_dir)
+        pipe = _from_single_file(Path(spec_str), config_path, kwargs)
     else:
         source = spec_str
         try:
@@ -286,6 +370,7 @@ def load_model(
     model = model_from_components(
         pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source, **sdxl
     )
+    model.config_dir = used_config_dir
     if device is not None and torch.device(device) != model.device:  # .to() on the same device only warns
         model.to(device)
     return model

@@ -39,14 +39,21 @@ def run_edit(args) -> int:
         return EXIT_USAGE_ERROR
 
 
-def load_model_for(inv: Inversion, spec: str | None, device: str | None):
+def model_args_for(meta: dict, spec: str | None, config_dir: str | None) -> tuple[str, str | None]:
+    """(spec, config_dir) to load for an inversion: the user's ``--model`` / ``--config-dir`` where given, else
+    the record's ``model_source`` / ``model_config_dir`` (the config folder of a single-file checkpoint), else
+    the tiny model."""
+    return spec or meta.get("model_source") or "tiny", config_dir or meta.get("model_config_dir")
+
+
+def load_model_for(inv: Inversion, spec: str | None, device: str | None, config_dir: str | None = None):
     import torch
 
     from nti_lightning.models import load_model
 
-    source = spec or inv.meta.get("model_source") or "tiny"
+    source, config_dir = model_args_for(inv.meta, spec, config_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(source, device=device)
+    return load_model(source, device=device, config_dir=config_dir)
 
 
 def run_single(args) -> int:
@@ -54,7 +61,7 @@ def run_single(args) -> int:
     # 1. The settings, the inversion and its model (load_inversion checks they match)
     config = config_from_args(args)
     inv = load_inversion(args.inversion)
-    model = load_model_for(inv, args.model, args.device)
+    model = load_model_for(inv, args.model, args.device, args.config_dir)
     inv = load_inversion(args.inversion, model)
     # 2. The edit
     spec = EditSpec(
@@ -163,7 +170,7 @@ def edit_one_image(root: Path, inv_path: Path, lines: list[Line], model, args, c
     # 1. The inversion, checked against the folder's model
     try:
         inv = load_inversion(inv_path)
-        model = model or load_model_for(inv, args.model, args.device)
+        model = model or load_model_for(inv, args.model, args.device, args.config_dir)
         inv = load_inversion(inv_path, model)
     except Exception as e:  # unreadable file, other model: every edit of this image fails
         for line in lines:

@@ -34,6 +34,9 @@ def run_identity(cfg: RunConfig, model) -> dict:
     return {
         "model_fingerprint": model.fingerprint,
         "model_source": model.source,
+        # a single-file checkpoint's config folder sets its scheduler and prediction type; only present then,
+        # so the run.json of folder and embedded models stays as it was
+        **({"model_config_dir": model.config_dir} if model.config_dir else {}),
         "inversion": inversion,
         "image_size": image_size_for(model, cfg.inversion),
         "precision": cfg.trainer.precision,

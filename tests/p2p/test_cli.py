@@ -21,7 +21,7 @@ STEM = "a_dog_sitting_next_to_a_mirror"
 @pytest.fixture
 def folder(model, tmp_path, monkeypatch):
     """An `nti invert`-like output folder with two inversions; `nti edit` gets the random model."""
-    monkeypatch.setattr(cli, "load_model_for", lambda inv, spec, device: model)
+    monkeypatch.setattr(cli, "load_model_for", lambda inv, spec, device, config_dir=None: model)
     for image_id, prompt, seed in (("cat", SOURCE, 0), ("car", "a red car on a road", 1)):
         save_inversion(tmp_path / image_id / "inversion.safetensors", make_inversion(model, prompt, seed=seed))
     return tmp_path
