@@ -233,3 +233,28 @@ def test_nti_invert_with_model_flag_on_an_sd2_folder(tmp_path, sd2_dir):
     rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     inv = load_inversion(out / rec["paths"]["inversion"], model=load_model(sd2_dir))
     assert (inv.meta["family"], inv.meta["prediction_type"]) == ("sd2-v", "v_prediction")
+
+
+def test_a_hub_id_is_fetched_as_a_folder_and_detected_like_one(monkeypatch):
+    """A hub id goes through one snapshot of its diffusers files, then the folder path: SDXL is detected too."""
+    import huggingface_hub
+
+    from nti_lightning.models.loading import EMBEDDED, HUB_FILES, ModelNotFoundError
+
+    asked = []
+
+    def snapshot(repo_id, allow_patterns):
+        asked.append((repo_id, tuple(allow_patterns)))
+        return str(EMBEDDED["tiny-sdxl"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    model = load_model("someone/sdxl-model")
+    assert asked == [("someone/sdxl-model", HUB_FILES)]
+    assert model.family.name == "sdxl" and model.source == "someone/sdxl-model"
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError, match=r"'someone/x'.*OSError: no network.*pass its local folder"):
+        load_model("someone/x")

@@ -319,6 +319,33 @@ def resolve_config_dir(config_dir) -> tuple[Path | None, str | None]:
     return Path(config_dir), str(Path(config_dir).resolve())
 
 
+HUB_FILES = (
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*",
+    "tokenizer*/*",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+)
+"""What ``load_model`` fetches of a hub repository: the configs, tokenizers and full-precision safetensors
+weights of a diffusers layout (not the fp16 / ONNX / single-file variants such repositories also hold)."""
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A hub id → its local diffusers folder (downloaded once into the hub cache), loaded and checked like any
+    folder, so the family (SD1.x, SD2.x, SDXL) is detected the same way. Raises ``ModelNotFoundError``."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except Exception as e:  # offline, unknown id, no access: huggingface_hub raises many kinds
+        raise ModelNotFoundError(
+            f"could not load model {repo_id!r}: it is not one of {sorted(EMBEDDED)}, a local folder or a "
+            f".safetensors/.ckpt file, and fetching it as a hub id failed ({type(e).__name__}: {e}). Without "
+            "a hub, download the model elsewhere and pass its local folder."
+        ) from e
+
+
 def load_model(
     spec: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,
@@ -333,8 +360,6 @@ def load_model(
     ``model.config_dir`` remembers it), or a hub id (only where the machine can reach a hub). Unloadable folders
     and unsupported models or scheduler options raise one-line errors saying why.
     """
-    from diffusers import StableDiffusionPipeline
-
     _quiet_libraries()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
@@ -354,14 +379,7 @@ def load_model(
         pipe = _from_single_file(Path(spec_str), config_path, kwargs)
     else:
         source = spec_str
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(spec_str, **kwargs)
-        except Exception as e:
-            raise ModelNotFoundError(
-                f"could not load model {spec_str!r}: it is not one of {sorted(EMBEDDED)}, a local folder or a "
-                f".safetensors/.ckpt file, and loading it as a hub id failed ({type(e).__name__}: {e}). Without "
-                "a hub, download the model elsewhere and pass its local folder."
-            ) from e
+        pipe = _from_folder(_hub_snapshot(spec_str), kwargs)
     sdxl = dict(
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
