@@ -38,11 +38,16 @@ images of a dataset) and the decode/metrics/writes of ``nti invert``, which run 
 peak memory fits in 80 GB (80·10⁹ bytes). Each is reported with the configuration that meets it (or the
 best one) and ``met`` true/false (null when nothing was measured).
 
-**On the GPU machine** (torch with CUDA, lightning, transformers, torchmetrics and safetensors present, not
-diffusers nor omegaconf): carry their wheels in ``.whl`` (``pip download --no-deps --only-binary=:all:
---python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 omegaconf==2.4.0
-antlr4-python3-runtime==4.9.3``, plus any of diffusers' needs the image lacks) and run
-``scripts/gpu_sweep.sh``, which installs them into /tmp/site and runs this script under a timeout.
+**On the GPU machine** (its image has torch with CUDA, lightning, transformers, torchmetrics, safetensors,
+PyYAML; not diffusers, omegaconf nor diffusers' importlib_metadata): carry those three as wheels in the
+git-ignored folder ``.whl`` (``echo /.whl/ >> .git/info/exclude`` once), fetched where pip can reach an index::
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 omegaconf==2.4.0 importlib_metadata
+
+(all three are pure-Python wheels), then run with ``carry: [".whl"]``: ``bash scripts/gpu_sweep.sh --out
+"$OUT/sweep.json"``, which installs them into /tmp/site, puts the checkout on PYTHONPATH and runs this script
+under ``timeout 570`` with ``--budget-s 480``.
 
 ``--family`` picks the model's builder from ``FAMILIES`` (only ``sd15`` for now; an SDXL entry is the hook for
 the SDXL family). ``--quick`` runs every step on the CPU with the tiny model, 64 px, T = 4, N = 2, batch
@@ -77,6 +82,9 @@ from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
 FAMILIES: dict[str, tuple[str, int]] = {"sd15": ("sd15", 512)}
 TARGETS = {"max_s_per_image_worst": 3.0, "min_images_per_hour": 1200.0, "min_batch_in_80gb": 8}
 MEMORY_80GB = 80e9
+PEAK_TFLOPS = 800.0  # the issue's dense bf16 figure for an H100 (the FLOP floor ≈ 1.2 s/image)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names, as trainer.precision
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # model.compile's values
 EARLY_STOP_NOTE = (
     "random weights: the early-stop rate (inner steps per image) is not that of a trained model; "
     "the worst case (early_stop=False) is the number that transfers"
@@ -111,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, warm-up included")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     p.add_argument("--precisions", default="bf16-mixed,32-true")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode, or none to skip compiling")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="none: no compiled runs")
     p.add_argument("--compile-batch-sizes", default="8,16,32,64,4,2,1", help="in the order they are tried")
     p.add_argument("--num-ddim-steps", type=int, default=50)
     p.add_argument("--num-inner-steps", type=int, default=10)
@@ -127,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.family not in FAMILIES:
         p.error(f"--family {args.family!r} is not known yet; this script knows: {', '.join(FAMILIES)}")
+    bad = [x for x in args.precisions.split(",") if x not in PRECISIONS]
+    if bad:
+        p.error(f"--precisions: unknown {', '.join(bad)}; use a comma-separated subset of {', '.join(PRECISIONS)}")
+    if min(args.warmup_calls, args.timed_calls - 1, args.validate_batch - 1, args.validate_images - 1) < 0:
+        p.error("--timed-calls, --validate-batch and --validate-images must be >= 1, --warmup-calls >= 0")
     try:
         args.batch_sizes = _ints(args.batch_sizes)
         args.compile_batch_sizes = _ints(args.compile_batch_sizes)
@@ -385,6 +398,21 @@ def full_run(model, st: Setting, config: dict, early_stop: bool) -> dict:
     }
 
 
+def flop_counts(model, st: Setting) -> dict:
+    """FLOPs of one UNet forward and forward + backward per image (counted on ``meta``) and the worst-case
+    floor per image (``bench.flops``), with its time at ``PEAK_TFLOPS``."""
+    from nti_lightning.bench.flops import count_unet_flops, floor_flops
+
+    unet = count_unet_flops(model.unet.config, latent_size=st.image_size // model.vae_scale_factor)
+    worst = floor_flops(unet, st.T, st.N)
+    return {
+        **unet.to_dict(),
+        "worst_case_per_image": worst,
+        "peak_tflops_assumed": PEAK_TFLOPS,
+        "floor_s_per_image": worst / (PEAK_TFLOPS * 1e12),
+    }
+
+
 def agreement_inputs(n: int, size: int) -> list[Admission]:
     files = sorted(SAMPLES_DIR.glob("*.png"))
     return [
@@ -496,6 +524,7 @@ class Sweep:
     def run(self) -> dict:
         model = build_bench_model(self.st.model, self.device)
         self.report["model_build_s"] = self.budget.elapsed()
+        self.report["flops"] = flop_counts(model, self.st)
         self.report["agreement"] = self.step(
             "agreement: tiny model, CPU vs device", 0, lambda: agreement(self.device, self.st, self.args)
         )
@@ -511,6 +540,7 @@ class Sweep:
         if self.st.compile_modes == ("none",):
             self.skip("torch.compile", "--quick does not compile" if self.args.quick else "--compile-mode none")
         self.fill_early_stop()
+        self.fill_flop_rates()
         self.report["targets"] = {**targets(self.report["configs"]), "meaningful": not self.args.quick}
         self.save()
         return self.report
@@ -569,8 +599,16 @@ class Sweep:
         )
         es = self.step("early stop: full run, the authors' rule", estimate, lambda: full_run(model, st, base, True))
         if es is not None:
-            note = EARLY_STOP_NOTE if st.model != "tiny" else "the tiny model at --quick sizes: not a measurement"
+            note = "the tiny model at --quick sizes: not a measurement" if self.args.quick else EARLY_STOP_NOTE
             self.report["early_stop"] = {**es, "note": note}
+
+    def fill_flop_rates(self) -> None:
+        """Per configuration: the worst case's counted UNet FLOPs per image over its UNet seconds per image."""
+        per_image_flops = self.report["flops"]["worst_case_per_image"]
+        for c in self.report["configs"]:
+            if c["status"] == "ok":
+                unet_s = c["s_per_image_worst"] - c["admit_s_per_image"]
+                c["unet_tflops_worst"] = per_image_flops / unet_s / 1e12
 
     def fill_early_stop(self) -> None:
         es = self.report["early_stop"]
@@ -622,34 +660,53 @@ def targets(configs: list[dict]) -> dict:
     }
 
 
-def print_table(report: dict) -> None:
-    def f(x, fmt):
-        return "—" if x is None else format(x, fmt)
+def _fmt(x, fmt: str) -> str:
+    return "—".rjust(int(fmt.split(".")[0])) if x is None else format(x, fmt)
 
-    print(
-        f"\n{report['model']} {report['image_size']} px, T={report['T']}, N={report['N']}, "
-        f"{report['machine'].get('gpu') or report['machine']['device']}"
+
+def print_configs(report: dict) -> None:
+    gpu = report["machine"].get("gpu") or report["machine"]["device"]
+    print(f"\n{report['model']} {report['image_size']} px, T={report['T']}, N={report['N']}, {gpu}")
+    head = (
+        "precision",
+        "compile",
+        "B",
+        "grad s",
+        "nograd s",
+        "s/img wc",
+        "s/img ES",
+        "img/h wc",
+        "TFLOP/s",
+        "peak GiB",
+        "compile s",
     )
-    print(
-        f"{'precision':<11} {'compile':<8} {'B':>3} {'grad s':>8} {'nograd s':>8} {'s/img wc':>9} "
-        f"{'s/img ES':>9} {'img/h wc':>9} {'peak GiB':>9} {'compile s':>9}"
-    )
+    print("{:<11} {:<8} {:>3} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9}".format(*head))
     for c in report["configs"]:
         if c["status"] != "ok":
             print(f"{c['precision']:<11} {c['compile']:<8} {c['batch_size']:>3} {c['status']}")
             continue
         peak = None if c["peak_memory_bytes"] is None else c["peak_memory_bytes"] / 2**30
-        print(
-            f"{c['precision']:<11} {c['compile']:<8} {c['batch_size']:>3} {c['grad_call_s']:>8.4f} "
-            f"{c['no_grad_call_s']:>8.4f} {c['s_per_image_worst']:>9.3f} {f(c['s_per_image_early_stop'], '9.3f'):>9} "
-            f"{c['images_per_hour_worst']:>9.0f} {f(peak, '9.2f'):>9} {f(c.get('compile_s'), '9.1f'):>9}"
+        cells = (
+            f"{c['grad_call_s']:8.4f}",
+            f"{c['no_grad_call_s']:8.4f}",
+            f"{c['s_per_image_worst']:8.3f}",
+            _fmt(c["s_per_image_early_stop"], "8.3f"),
+            f"{c['images_per_hour_worst']:8.0f}",
+            _fmt(c.get("unet_tflops_worst"), "7.3g"),
+            _fmt(peak, "8.2f"),
+            _fmt(c.get("compile_s"), "9.1f"),
         )
+        print(f"{c['precision']:<11} {c['compile']:<8} {c['batch_size']:>3} " + " ".join(cells))
+
+
+def print_summary(report: dict) -> None:
     for key in ("validation", "early_stop"):
         v = report[key]
         if v is not None:
             print(
-                f"{key}: measured {v['measured_s_per_image']:.3f} s/image, predicted {v['predicted_s_per_image']:.3f} "
-                f"(× {v['measured_over_predicted']:.2f}), {v['inner_steps_per_image']:.0f} inner steps/image"
+                f"{key}: measured {v['measured_s_per_image']:.3f} s/image, predicted "
+                f"{v['predicted_s_per_image']:.3f} (× {v['measured_over_predicted']:.2f}), "
+                f"{v['inner_steps_per_image']:.0f} inner steps/image"
             )
     a = report["agreement"]
     if a is not None:
@@ -659,6 +716,11 @@ def print_table(report: dict) -> None:
         )
     if report["early_stop"] is not None:
         print(f"note (early stop): {report['early_stop']['note']}")
+    fl = report["flops"]
+    print(
+        f"FLOP floor: {fl['worst_case_per_image'] / 1e15:.3g} PFLOP/image worst case = "
+        f"{fl['floor_s_per_image']:.3g} s at {fl['peak_tflops_assumed']:.0f} TFLOP/s"
+    )
     for key, t in (report["targets"] or {}).items():
         if isinstance(t, dict):
             verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -677,7 +739,8 @@ def main(argv=None) -> int:
     device = resolve_device(args)
     sweep = Sweep(args, setting_for(args), device, argv)
     report = sweep.run()
-    print_table(report)
+    print_configs(report)
+    print_summary(report)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     agreed = report["agreement"] is None or report["agreement"]["passed"]
     return 0 if agreed else 1

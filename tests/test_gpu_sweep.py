@@ -26,14 +26,15 @@ def test_quick_sweep_writes_the_report(tmp_path, one_thread):
     out = tmp_path / "sweep.json"
     assert _script().main(["--quick", "--threads", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    for key in ("machine", "configs", "validation", "early_stop", "agreement", "targets", "skipped", "wall_s"):
+    for key in ("machine", "flops", "configs", "validation", "early_stop", "agreement", "targets", "skipped"):
         assert key in report, key
-    assert {"torch", "cuda", "device"} <= set(report["machine"])
+    assert {"torch", "cuda", "device"} <= set(report["machine"]) and 0 < report["wall_s"] < 120
+    assert report["flops"]["forward_backward"] > report["flops"]["forward"] > 0
     grid = {(c["precision"], c["batch_size"]) for c in report["configs"] if c["status"] == "ok"}
     assert grid == {("32-true", 1), ("32-true", 2), ("bf16-mixed", 1), ("bf16-mixed", 2)}
     for c in report["configs"]:
         assert c["grad_call_s"] > 0 and c["no_grad_call_s"] > 0 and c["s_per_image_early_stop"] > 0
-        assert c["s_per_image_worst"] >= c["admit_s_per_image"]
+        assert c["s_per_image_worst"] >= c["admit_s_per_image"] and c["unet_tflops_worst"] > 0
     v = report["validation"]
     assert v["early_stop"] is False and v["inner_steps_per_image"] == report["T"] * report["N"]
     assert v["calls"]["grad"] == v["predicted_calls"]["grad"] and v["measured_over_predicted"] > 0
