@@ -63,6 +63,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -495,6 +496,7 @@ class Sweep:
             "validation": None,
             "early_stop": None,
             "skipped": [],
+            "errors": [],
             "targets": None,
             "wall_s": 0.0,
         }
@@ -507,8 +509,9 @@ class Sweep:
     def skip(self, what: str, reason: str) -> None:
         self.report["skipped"].append({"what": what, "reason": reason})
 
-    def step(self, what: str, estimate_s: float, fn):
-        """Runs ``fn()`` if the budget allows ``estimate_s`` more; else records the skip. None when skipped."""
+    def step(self, what: str, estimate_s: float, fn, catch: bool = True):
+        """Runs ``fn()`` if the budget allows ``estimate_s`` more; else records the skip. None when skipped, or
+        (``catch``) when ``fn`` raised: the error is recorded and the sweep goes on with its other steps."""
         if not self.budget.allows(estimate_s):
             self.skip(
                 what,
@@ -517,7 +520,14 @@ class Sweep:
             )
             return None
         print(f"[{self.budget.elapsed():6.1f} s] {what}", flush=True)
-        result = fn()
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 — one failed step must not lose the others' numbers
+            if not catch:
+                raise
+            traceback.print_exc()
+            self.report["errors"].append({"what": what, "error": f"{type(e).__name__}: {e}"[:500]})
+            result = None
         self.save()
         return result
 
@@ -556,11 +566,11 @@ class Sweep:
                 continue
             try:
                 result = self.step(
-                    what, estimate, lambda: measure_config(model, self.st, precision, mode, rows, self.args)
+                    what, estimate, lambda: measure_config(model, self.st, precision, mode, rows, self.args), False
                 )
             except Exception as e:  # noqa: BLE001 — an OOM (or a failed compile) ends this group, not the sweep
-                if not is_oom(e) and mode == "none":
-                    raise
+                if not is_oom(e):
+                    traceback.print_exc()
                 oom, oom_status = rows, "oom" if is_oom(e) else "error"
                 result = {"status": oom_status, "error": f"{type(e).__name__}: {e}"[:300]}
             if result is None:
@@ -743,7 +753,9 @@ def main(argv=None) -> int:
     print_summary(report)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     agreed = report["agreement"] is None or report["agreement"]["passed"]
-    return 0 if agreed else 1
+    for e in report["errors"]:
+        print(f"ERROR in {e['what']}: {e['error']}", file=sys.stderr)
+    return 0 if agreed and not report["errors"] else 1
 
 
 if __name__ == "__main__":

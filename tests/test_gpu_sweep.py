@@ -28,6 +28,7 @@ def test_quick_sweep_writes_the_report(tmp_path, one_thread):
     report = json.loads(out.read_text())
     for key in ("machine", "flops", "configs", "validation", "early_stop", "agreement", "targets", "skipped"):
         assert key in report, key
+    assert report["errors"] == []
     assert {"torch", "cuda", "device"} <= set(report["machine"]) and 0 < report["wall_s"] < 120
     assert report["flops"]["forward_backward"] > report["flops"]["forward"] > 0
     grid = {(c["precision"], c["batch_size"]) for c in report["configs"] if c["status"] == "ok"}
