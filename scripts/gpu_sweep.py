@@ -104,6 +104,8 @@ class Setting:
     precisions: tuple[str, ...]
     compile_modes: tuple[str, ...]  # "none" first; then the modes torch.compile is tried with
     compile_batch_sizes: tuple[int, ...]
+    warmup_calls: int  # per call kind and configuration, untimed (the first one compiles a compiled UNet)
+    timed_calls: int
     validate_batch: int
     validate_images: int
     agree_T: int
@@ -158,25 +160,43 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def setting_for(args) -> Setting:
     if args.quick:
-        return Setting("tiny", 64, 4, 2, (1, 2), ("32-true", "bf16-mixed"), ("none",), (), 2, 2, 3, 2, 1, 64)
+        return Setting(
+            model="tiny",
+            image_size=64,
+            T=4,
+            N=2,
+            batch_sizes=(1, 2),
+            precisions=("32-true", "bf16-mixed"),
+            compile_modes=("none",),
+            compile_batch_sizes=(),
+            warmup_calls=1,
+            timed_calls=1,
+            validate_batch=2,
+            validate_images=2,
+            agree_T=3,
+            agree_N=2,
+            agree_images=1,
+            agree_size=64,
+        )
     model, size = FAMILIES[args.family]
-    modes = ("none",) if args.compile_mode == "none" else ("none", args.compile_mode)
     T, N = args.num_ddim_steps, args.num_inner_steps
     return Setting(
-        model,
-        size,
-        T,
-        N,
-        args.batch_sizes,
-        tuple(args.precisions.split(",")),
-        modes,
-        args.compile_batch_sizes,
-        args.validate_batch,
-        args.validate_images,
-        T,
-        N,
-        args.agree_images,
-        128,
+        model=model,
+        image_size=size,
+        T=T,
+        N=N,
+        batch_sizes=args.batch_sizes,
+        precisions=tuple(args.precisions.split(",")),
+        compile_modes=("none",) if args.compile_mode == "none" else ("none", args.compile_mode),
+        compile_batch_sizes=args.compile_batch_sizes,
+        warmup_calls=args.warmup_calls,
+        timed_calls=args.timed_calls,
+        validate_batch=args.validate_batch,
+        validate_images=args.validate_images,
+        agree_T=T,
+        agree_N=N,
+        agree_images=args.agree_images,
+        agree_size=128,
     )
 
 
@@ -275,10 +295,13 @@ def admissions(n: int, size: int, seed: int = 0) -> list[Admission]:
 
 
 def fill_slots(engine: SlotEngine, rows: int, size: int) -> float:
-    """Admits ``rows`` images (VAE encode + text encoder each); returns the seconds per image."""
+    """Admits ``rows`` images (VAE encode + text encoder each); returns the seconds per image, timed after one
+    untimed admission (first-call costs: kernel selection, allocator growth)."""
+    batch = admissions(rows, size)
+    engine._admit(0, batch[0])
     sync(engine.model.device)
     t0 = time.perf_counter()
-    for s, adm in enumerate(admissions(rows, size)):
+    for s, adm in enumerate(batch):
         failure = engine._admit(s, adm)
         if failure is not None:
             raise RuntimeError(f"admission failed: {failure.error}")
@@ -315,7 +338,7 @@ def per_image(admit_s: float, t_ng: float, t_g: float, rows: int, T: int, grad_r
     return admit_s + (3 * T * t_ng + grad_rows * t_g) / rows
 
 
-def measure_config(model, st: Setting, precision: str, mode: str, rows: int, args) -> dict:
+def measure_config(model, st: Setting, precision: str, mode: str, rows: int) -> dict:
     device = model.device
     cfg = InversionConfig(num_ddim_steps=st.T, num_inner_steps=st.N, early_stop=False, image_size=st.image_size)
     eager_unet = model.unet
@@ -327,8 +350,8 @@ def measure_config(model, st: Setting, precision: str, mode: str, rows: int, arg
             model.unet = torch.compile(eager_unet, mode=mode)
         engine = SlotEngine(model, cfg, rows, runtime_for(precision, device), pad=mode != "none")
         admit_s = fill_slots(engine, rows, st.image_size)
-        first_g, t_g = time_calls(engine, rows, True, args.warmup_calls, args.timed_calls)
-        first_ng, t_ng = time_calls(engine, rows, False, args.warmup_calls, args.timed_calls)
+        first_g, t_g = time_calls(engine, rows, True, st.warmup_calls, st.timed_calls)
+        first_ng, t_ng = time_calls(engine, rows, False, st.warmup_calls, st.timed_calls)
     finally:
         model.unet = eager_unet
     worst = per_image(admit_s, t_ng, t_g, rows, st.T, st.T * st.N)
@@ -489,8 +512,8 @@ class Sweep:
             "machine": machine(device),
             "extrapolation": "s/image = admit + (3·T·t_no_grad + G·t_grad) / B; G = T·N worst case, "
             "measured inner steps with early stop (scripts/gpu_sweep.py docstring)",
-            "warmup_calls": args.warmup_calls,
-            "timed_calls": args.timed_calls,
+            "warmup_calls": st.warmup_calls,
+            "timed_calls": st.timed_calls,
             "agreement": None,
             "configs": [],
             "validation": None,
@@ -565,9 +588,7 @@ class Sweep:
                 self.skip(what, f"batch {oom} failed first ({'out of memory' if oom_status == 'oom' else 'error'})")
                 continue
             try:
-                result = self.step(
-                    what, estimate, lambda: measure_config(model, self.st, precision, mode, rows, self.args), False
-                )
+                result = self.step(what, estimate, lambda: measure_config(model, self.st, precision, mode, rows), False)
             except Exception as e:  # noqa: BLE001 — an OOM (or a failed compile) ends this group, not the sweep
                 if not is_oom(e):
                     traceback.print_exc()
