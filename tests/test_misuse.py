@@ -255,6 +255,7 @@ def test_more_user_mistakes_are_one_line_naming_the_culprit(noise_dataset, model
     assert e.value.code == 2 and "nti invert: error: unrecognized arguments: --imags" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh `nti` process: CI runs it (-m slow); the README test command skips it
 def test_a_quiet_run_prints_no_library_notices(noise_dataset, model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("TRANSFORMERS_VERBOSITY", None)

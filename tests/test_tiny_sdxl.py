@@ -119,6 +119,7 @@ def test_p2p_edits_run_on_sdxl(sdxl, inverted, reconstruction, target, kwargs, m
         assert result.blend_mask is not None and result.blend_mask.shape == (1, 1, 16, 16)
 
 
+@pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_kill_9_resume_is_bit_identical(noise_dataset, tmp_path):
     """``nti invert --model tiny-sdxl`` killed with SIGKILL after its first checkpoint, then rerun: every record
     equals an uninterrupted run's, prompt_embeds and pooled text_embeds alike (helpers of test_scaleout)."""
