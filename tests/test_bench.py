@@ -133,9 +133,26 @@ def test_sd15_builds_on_meta_with_sd15_flops():
     assert flops.forward_backward == pytest.approx(1.669e12, rel=0.01)
 
 
+def test_sdxl_builds_on_meta_as_sdxl_base():
+    """SDXL base's shapes from configs: parameter counts of each network and the family read off them."""
+    from nti_lightning.bench.sdxl import build_sdxl_components
+    from nti_lightning.models.family import family_from_configs
+
+    parts = build_sdxl_components("meta")
+    count = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "text_encoder_2", "vae")}
+    # bigG's 695 M less its 49,408-token embedding table: the vocabulary is sized to the benchmark tokenizer
+    assert 2.56e9 < count["unet"] < 2.58e9 and 0.63e9 < count["text_encoder_2"] < 0.64e9
+    assert 83e6 < count["vae"] < 84e6
+    family = family_from_configs(
+        dict(parts["unet"].config), dict(parts["vae"].config), dict(parts["scheduler"].config), 77,
+        {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+    )  # fmt: skip
+    assert (family.name, family.native_image_size, family.scaling_factor) == ("sdxl", 1024, 0.13025)
+
+
 def test_build_bench_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown benchmark model"):
-        build_bench_model("sdxl")
+        build_bench_model("sd3")
 
 
 def test_unet_step_script_times_each_variant(tmp_path):

@@ -58,5 +58,5 @@ def test_budget_skips_are_recorded(tmp_path, one_thread):
 
 def test_unknown_family_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
-        _script().parse_args(["--family", "sdxl"])
-    assert "--family 'sdxl' is not known yet; this script knows: sd15" in capsys.readouterr().err
+        _script().parse_args(["--family", "sd3"])
+    assert "--family 'sd3' is not known yet; this script knows: sd15, sdxl" in capsys.readouterr().err

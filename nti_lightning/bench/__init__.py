@@ -33,7 +33,7 @@ PROMPTS = (
 
 def build_bench_model(name: str, device: str | torch.device = "cpu", seed: int = 0):
     """``"tiny"``: the shipped trained tiny model when present, else the tiny architecture with random weights;
-    ``"sd15"``: SD1.5's architecture with random weights. Returns an ``NTIModel``."""
+    ``"sd15"`` / ``"sdxl"``: SD1.5's / SDXL base's architecture with random weights. Returns an ``NTIModel``."""
     from nti_lightning.models import load_model, model_from_components
     from nti_lightning.models.tiny import TINY_DIR
 
@@ -41,8 +41,12 @@ def build_bench_model(name: str, device: str | torch.device = "cpu", seed: int =
         from nti_lightning.bench.sd15 import build_sd15_model
 
         return build_sd15_model(device=device, seed=seed)
+    if name == "sdxl":
+        from nti_lightning.bench.sdxl import build_sdxl_model
+
+        return build_sdxl_model(device=device, seed=seed)
     if name != "tiny":
-        raise ValueError(f"unknown benchmark model {name!r}; use 'tiny' or 'sd15'")
+        raise ValueError(f"unknown benchmark model {name!r}; use 'tiny', 'sd15' or 'sdxl'")
     if (TINY_DIR / "model_index.json").is_file():
         return load_model("tiny", device=device)
     model = model_from_components(**tiny_random_components(seed), source="tiny-random")
