@@ -10,21 +10,16 @@ import shutil
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from oracles import sampler_and_pipeline
 
 from nti_lightning.ddim import ddim_inverse_step, ddim_step, schedule_from_scheduler
 from nti_lightning.inversion import IncompatibleInversionError, check_compatible
 from nti_lightning.models import load_model, model_from_components
 from nti_lightning.models.detect import ModelFolderError, UnsupportedSchedulerError
 from nti_lightning.models.tiny import SCHEDULER_CONFIG, build_random_family_components
-from nti_lightning.sampling import ddim_inversion, ddim_sample, unet_denoiser
+from nti_lightning.sampling import ddim_inversion, unet_denoiser
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +146,7 @@ def test_sampler_equals_stable_diffusion_pipeline(spec):
     """Every ∅_t = the model's null: our guided DDIM sampler from z_T is diffusers' pipeline at w = 7.5."""
     model = load_model(spec)
     T, prompt = 10, "a photo of a cat"
-    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    schedule = schedule_from_scheduler(model.scheduler, T)
-    cond = model.family.encode_prompts(model, [prompt])
-    ours = ddim_sample(unet_denoiser(model.unet, model.family), schedule, z_T, cond, model.family.null(model), 7.5)
-    theirs = model.pipeline(
-        prompt, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=T, output_type="latent"
-    ).images
+    ours, theirs = sampler_and_pipeline(model, T, prompt)
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from oracles import sampler_and_pipeline
 
 from nti_lightning import invert
 from nti_lightning.api import reconstruction_latents
@@ -22,13 +23,7 @@ from nti_lightning.models.family import SDXLFamily
 from nti_lightning.models.tiny import build_random_family_components
 from nti_lightning.sampling import ddim_sample, decode_latents, encode_latents, unet_denoiser
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
 
 
 def _sdxl(force_zeros: bool = True, seed: int = 0):
@@ -125,13 +120,7 @@ def test_sampler_equals_stable_diffusion_xl_pipeline(force_zeros):
     the default height/width, crop (0, 0), the negative prompt per force_zeros_for_empty_prompt)."""
     model = _sdxl(force_zeros=force_zeros, seed=1)
     T, prompt = 6, "a photo of a cat"
-    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    schedule = schedule_from_scheduler(model.scheduler, T)
-    cond = model.family.encode_prompts(model, [prompt])
-    ours = ddim_sample(unet_denoiser(model.unet, model.family), schedule, z_T, cond, model.family.null(model), 7.5)
-    theirs = model.pipeline(
-        prompt, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=T, output_type="latent"
-    ).images
+    ours, theirs = sampler_and_pipeline(model, T, prompt)
     assert ours.abs().max() > 1.0  # a real trajectory, not zeros
     assert (ours - theirs).abs().max().item() <= 1e-5
 

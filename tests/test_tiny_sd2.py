@@ -15,12 +15,7 @@ T, SIZE = 10, 64  # small to keep the test short (ratio ≈ 8× here); docs/tiny
 IMAGE, PROMPT = ASSETS_DIR / "samples" / "cat.png", "a photo of a cat"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
 
 
 @pytest.fixture(scope="module")
