@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import assert_nti_beats_cfg
 
 from nti_lightning import invert, load_inversion, load_model, save_inversion
-from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
+from nti_lightning.api import reconstruction_latents
 from nti_lightning.models.loading import ASSETS_DIR
 from nti_lightning.p2p import edit
 
@@ -52,11 +53,7 @@ def test_folder_is_a_few_mb():
 
 def test_nti_beats_ddim_with_guidance(sd2v, inverted, reconstruction):
     """The paper's premise on a v model: replaying DDIM inversion at w = 7.5 misses; NTI restores it."""
-    z0 = inverted.pivot_z0[None]
-    cfg = ddim_baseline_latents(sd2v, [inverted], 7.5)
-    mse_nti, mse_cfg = _mse(reconstruction, z0), _mse(cfg, z0)
-    assert mse_cfg / mse_nti >= 4, (mse_cfg, mse_nti)
-    assert torch.allclose(reconstruction[0], inverted.z_0, atol=1e-4)
+    assert_nti_beats_cfg(sd2v, inverted, reconstruction, ratio=4)
 
 
 def test_record_names_family_and_round_trips(sd2v, inverted, tmp_path, tiny_model):
