@@ -13,7 +13,12 @@ The key layout is the one diffusers' ``from_single_file`` reads (``diffusers/loa
   ``attn.in_proj_weight``, ``ln_1``/``ln_2``, ``mlp.c_fc``/``mlp.c_proj``, ``token_embedding``,
   ``positional_embedding``, ``ln_final``).
 
-Which text-encoder layout to write follows the UNet (``family.is_sd2_layout``), as in the original checkpoints.
+- SDXL: the UNet's ``add_embedding.linear_1/2`` → ``label_emb.0.0`` / ``label_emb.0.2``; the CLIP text encoder
+  → ``conditioner.embedders.0.transformer.text_model.*``, the OpenCLIP one (CLIPTextModelWithProjection) →
+  ``conditioner.embedders.1.model.*`` in the SD2 layout plus ``text_projection`` (the projection transposed).
+
+Which text-encoder layout to write follows the model: two encoders → SDXL, else the UNet
+(``family.is_sd2_layout``), as in the original checkpoints.
 Diffusers detects the text encoder by ``cond_stage_model.transformer.text_model.embeddings.position_embedding
 .weight`` (CLIP) or ``cond_stage_model.model.token_embedding.weight`` (OpenCLIP); SD1 vs SD2, ε vs v are read
 from the ``config=`` folder when one is given (as ``load_model(..., config_dir=)`` always does offline).
@@ -34,6 +39,7 @@ UNET, VAE, CLIP, OPEN_CLIP = (
     "cond_stage_model.transformer.",
     "cond_stage_model.model.",
 )
+SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -41,11 +47,16 @@ VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "t
 
 
 def unet_prefixes(n_blocks: int, layers: int, up_has_attention: list[bool]) -> dict[str, tuple[str, dict]]:
-    """diffusers module prefix → (LDM prefix, renames of the part after it) for an SD UNet."""
+    """diffusers module prefix → (LDM prefix, renames of the part after it) for an SD / SDXL UNet.
+
+    Every block gets resnet and attention prefixes; a block without attention (SDXL's first down block, the last
+    up block) has no keys under its attention prefix. A transformer's depth (``transformer_blocks.k``) is in the
+    part after the prefix, which keeps its name."""
     m = {"time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
          "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {}),
          "mid_block.resnets.0": ("middle_block.0", UNET_RESNET), "mid_block.attentions.0": ("middle_block.1", {}),
-         "mid_block.resnets.1": ("middle_block.2", UNET_RESNET)}  # fmt: skip
+         "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
+         "add_embedding.linear_1": ("label_emb.0.0", {}), "add_embedding.linear_2": ("label_emb.0.2", {})}  # fmt: skip
     i = 1
     for b in range(n_blocks):
         for j in range(layers):
@@ -114,9 +125,9 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+def clip_to_ldm(text_encoder, prefix: str = CLIP) -> dict[str, torch.Tensor]:
     """SD1: diffusers' CLIPTextModel names under ``cond_stage_model.transformer.text_model.``."""
-    return {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    return {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
 
 
 OPEN_CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
@@ -126,12 +137,16 @@ OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
 
 
-def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD2: OpenCLIP names under ``cond_stage_model.model.``; q, k, v fused into ``attn.in_proj_*``."""
+def open_clip_to_ldm(text_encoder, prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
+    """SD2: OpenCLIP names under ``cond_stage_model.model.``; q, k, v fused into ``attn.in_proj_*``. A
+    CLIPTextModelWithProjection's projection is written as OpenCLIP's ``text_projection`` (width × projection:
+    the transpose of the Linear weight, as ``convert_open_clip_checkpoint`` reads it)."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    out = {OPEN_CLIP + new: sd[old] for old, new in OPEN_CLIP_NAMES.items()}
+    out = {prefix + new: sd[old] for old, new in OPEN_CLIP_NAMES.items()}
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd["text_projection.weight"].T
     for i in range(text_encoder.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}.", f"{OPEN_CLIP}transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             qkv = [sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
@@ -141,9 +156,14 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
-    """An ``NTIModel``'s (or pipeline's) UNet, VAE and text encoder in one original-layout state dict."""
-    text = open_clip_to_ldm if is_sd2_layout(dict(model.unet.config)) else clip_to_ldm
-    sd = {**unet_to_ldm(model.unet), **vae_to_ldm(model.vae), **text(model.text_encoder)}
+    """An ``NTIModel``'s (or pipeline's) UNet, VAE and text encoder(s) in one original-layout state dict."""
+    if getattr(model, "text_encoder_2", None) is not None:  # SDXL
+        text = {**clip_to_ldm(model.text_encoder, SDXL_CLIP), **open_clip_to_ldm(model.text_encoder_2, SDXL_OPEN_CLIP)}
+    elif is_sd2_layout(dict(model.unet.config)):
+        text = open_clip_to_ldm(model.text_encoder)
+    else:
+        text = clip_to_ldm(model.text_encoder)
+    sd = {**unet_to_ldm(model.unet), **vae_to_ldm(model.vae), **text}
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
