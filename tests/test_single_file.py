@@ -1,4 +1,4 @@
-"""Single-file (original LDM layout) SD1.x / SD2.x checkpoints with a config folder: ``load_model(file,
+"""Single-file (original LDM layout) SD1.x / SD2.x / SDXL checkpoints with a config folder: ``load_model(file,
 config_dir=folder)`` gives the folder's model, bad input gives one clear error, and ``nti invert`` / ``nti edit`` /
 ``nti eval`` run on such a file offline (the config folder is recorded with the inversion)."""
 
@@ -15,13 +15,15 @@ from single_file import copy_configs, write_single_file
 from nti_lightning import load_inversion, load_model
 from nti_lightning.cli import main
 from nti_lightning.eval.report import read_records
+from nti_lightning.models import model_from_components
 from nti_lightning.models.detect import ModelFolderError
 from nti_lightning.models.loading import EMBEDDED, check_checkpoint_matches
+from nti_lightning.models.tiny import build_random_family_components
 from nti_lightning.p2p.cli import model_args_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on a busy 2-core machine: 10x slower UNet calls
 
-FAMILIES = {"tiny": ("sd1", "epsilon"), "tiny-sd2-v": ("sd2-v", "v_prediction")}
+FAMILIES = {"tiny": ("sd1", "epsilon"), "tiny-sd2-v": ("sd2-v", "v_prediction"), "tiny-sdxl": ("sdxl", "epsilon")}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,72 @@ def test_single_file_loads_as_its_folder(converted, name):
     with torch.no_grad():
         diff = model.vae.encode(x).latent_dist.mean - folder_model.vae.encode(x).latent_dist.mean
     assert diff.abs().max().item() <= 1e-6
+
+
+def text_outs(model) -> list[torch.Tensor]:
+    """Both SDXL text encoders on one prompt: each one's hidden states, and the second's projected pooled output."""
+    ids = model.tokenizer(["a red wall"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = model.text_encoder(ids, output_hidden_states=True)
+        second = model.text_encoder_2(ids, output_hidden_states=True)
+    return [*first.hidden_states, *second.hidden_states, second.text_embeds]
+
+
+def assert_same_outputs(model, other):
+    assert (unet_out(model) - unet_out(other)).abs().max().item() <= 1e-6
+    for a, b in zip(text_outs(model), text_outs(other), strict=True):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_sdxl_single_file_loads_both_text_encoders(converted):
+    """SDXL: the UNet (add-embedding as label_emb), the CLIP encoder (conditioner.embedders.0) and the OpenCLIP one
+    (conditioner.embedders.1, fused in_proj, text_projection) all come from the file. The tiny SDXL's two encoders
+    are equally wide, where diffusers' from_single_file alone would read the CLIP one into both."""
+    folder_model, path, configs = converted["tiny-sdxl"]
+    model = load_model(path, config_dir=configs)
+    assert model.text_encoder_2 is not None and model.tokenizer_2 is not None
+    assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert model.family.force_zeros_for_empty_prompt == folder_model.family.force_zeros_for_empty_prompt
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(model, name).state_dict(), getattr(folder_model, name).state_dict()
+        assert mine.keys() == theirs.keys(), name
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert_same_outputs(model, folder_model)
+
+
+def test_sdxl_weights_are_the_files(tmp_path):
+    """Random SDXL weights in the file, the trained tiny SDXL folder (weights and all) as config_dir: the file wins."""
+    comps = build_random_family_components("sdxl", 5)
+    random_sdxl = model_from_components(**comps, source="tiny-sdxl-random", force_zeros_for_empty_prompt=False)
+    path = write_single_file(random_sdxl, tmp_path / "random-sdxl.safetensors")
+    model = load_model(path, config_dir="tiny-sdxl")
+    assert model.fingerprint == random_sdxl.fingerprint != load_model("tiny-sdxl").fingerprint
+    assert model.config_dir == "tiny-sdxl"
+    assert_same_outputs(model, random_sdxl)
+
+
+def test_sdxl_file_or_config_dir_mismatch_is_one_clear_error(converted, tmp_path):
+    _, sdxl_file, sdxl_configs = converted["tiny-sdxl"]
+    _, sd1_file, sd1_configs = converted["tiny"]
+    with pytest.raises(ModelFolderError, match=r"is an SD1\.x / SD2\.x checkpoint .* is an SDXL folder; config_dir"):
+        load_model(sd1_file, config_dir=sdxl_configs)
+    with pytest.raises(ModelFolderError, match=r"is an SDXL checkpoint .* is an SD1\.x / SD2\.x folder; config_dir"):
+        load_model(sdxl_file, config_dir=sd1_configs)
+    tensors = load_file(str(sdxl_file))
+    no_second = {k: v for k, v in tensors.items() if not k.startswith("conditioner.embedders.1.")}
+    save_file(no_second, str(tmp_path / "no_te2.safetensors"))
+    with pytest.raises(ModelFolderError, match=r"has no OpenCLIP text encoder \(text_encoder_2\) weights"):
+        load_model(tmp_path / "no_te2.safetensors", config_dir=sdxl_configs)
+    deeper = copy_configs(sdxl_configs, tmp_path / "deeper")  # the folder says 3 layers, the file holds 2
+    cfg = json.loads((deeper / "text_encoder_2" / "config.json").read_text())
+    (deeper / "text_encoder_2" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ModelFolderError, match=r"text_encoder_2 layers is 2 but .*num_hidden_layers say 3; config_dir"):
+        load_model(sdxl_file, config_dir=deeper)
+    wider = copy_configs(sdxl_configs, tmp_path / "wider")
+    cfg = json.loads((wider / "unet" / "config.json").read_text())
+    (wider / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 96}))
+    with pytest.raises(ModelFolderError, match=r"UNet text width \(attn2\.to_k input\) is 64 but .* say 96"):
+        load_model(sdxl_file, config_dir=wider)
 
 
 def test_the_weights_are_the_files(tmp_path, random_model):
@@ -108,10 +176,11 @@ def test_edit_takes_the_model_from_the_record_unless_given():
     assert model_args_for({"model_source": "tiny"}, None, None) == ("tiny", None)
 
 
-def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["tiny-sd2-v", "tiny-sdxl"])
+def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path, capsys, name):
     """`nti invert --model file.safetensors model.config_dir=<folder>`, then `nti edit` with no --model; the same
     output folder refuses another config folder."""
-    _, path, configs = converted["tiny-sd2-v"]
+    _, path, configs = converted[name]
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "red.png")
     (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "red.png", "prompt": "a red wall"}) + "\n")
     out = tmp_path / "out"
@@ -122,7 +191,7 @@ def test_invert_then_edit_a_single_file_checkpoint_offline(converted, tmp_path, 
     rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     inv_path = out / rec["paths"]["inversion"]
     meta = load_inversion(inv_path).meta
-    assert (meta["family"], meta["prediction_type"]) == ("sd2-v", "v_prediction")
+    assert (meta["family"], meta["prediction_type"]) == FAMILIES[name]
     assert (meta["model_source"], meta["model_config_dir"]) == (str(path.resolve()), str(configs.resolve()))
 
     assert main(["edit", str(inv_path), "--target", "a blue wall", "--device", "cpu"]) == 0
