@@ -17,7 +17,7 @@ from nti_lightning.cli import main
 from nti_lightning.eval.report import read_records
 from nti_lightning.models import model_from_components
 from nti_lightning.models.detect import ModelFolderError
-from nti_lightning.models.loading import EMBEDDED, check_checkpoint_matches
+from nti_lightning.models.loading import EMBEDDED, check_checkpoint_matches, check_sdxl_checkpoint_matches
 from nti_lightning.models.tiny import build_random_family_components
 from nti_lightning.p2p.cli import model_args_for
 
@@ -166,6 +166,14 @@ def test_text_encoder_layout_must_be_the_folders():
     shapes["cond_stage_model.model.token_embedding.weight"] = (1280, 32)
     with pytest.raises(ModelFolderError, match=r"is an SD2\.x .* checkpoint but cfg is an SD1\.x"):
         check_checkpoint_matches(shapes, {"cross_attention_dim": 32}, "f.safetensors", "cfg")
+
+
+def test_sdxl_refiner_layout_is_refused():
+    """An SDXL refiner file (only an OpenCLIP encoder, under conditioner.embedders.0.model) with a base folder."""
+    shapes = {"model.diffusion_model.x": (1,), "first_stage_model.x": (1,)}
+    shapes["conditioner.embedders.0.model.text_projection"] = (1280, 1280)
+    with pytest.raises(ModelFolderError, match=r"has no CLIP text encoder \(text_encoder\) weights"):
+        check_sdxl_checkpoint_matches(shapes, {}, "f.safetensors", "cfg")
 
 
 def test_edit_takes_the_model_from_the_record_unless_given():
