@@ -1,4 +1,4 @@
-"""Writes a diffusers model (UNet, VAE, text encoder) as ONE original-LDM / CompVis-layout .safetensors file.
+"""Writes a diffusers model (UNet, VAE, text encoder(s)) as ONE original-LDM / CompVis-layout .safetensors file.
 
 The key layout is the one diffusers' ``from_single_file`` reads (``diffusers/loaders/single_file_utils.py``:
 ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,

@@ -443,8 +443,8 @@ def _from_single_file(path: Path, config_dir, kwargs: dict):
 
 
 def resolve_config_dir(config_dir) -> tuple[Path | None, str | None]:
-    """``config_dir`` → (the folder, what an inversion records): an embedded name ("tiny", "tiny-sd2-v") is its
-    folder inside the package and is recorded by name; a path is recorded absolute."""
+    """``config_dir`` → (the folder, what an inversion records): an embedded name ("tiny", "tiny-sd2-v",
+    "tiny-sdxl") is its folder inside the package and is recorded by name; a path is recorded absolute."""
     if config_dir is None:
         return None, None
     if str(config_dir) in EMBEDDED:
