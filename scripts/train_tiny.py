@@ -40,6 +40,7 @@ matplotlib for the images.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -129,7 +130,7 @@ DEMO_SAMPLES: list[tuple[Path, str, str, str]] = [
 ]
 
 # Common English words for the BPE corpus, so that everyday prompt words become single tokens while rare
-# caption words (e.g. "astronaut", "microscope") stay split into several, as Prompt-to-Prompt tests need.
+# words (e.g. "astronaut", "kangaroo") stay split into several, as Prompt-to-Prompt tests need.
 COMMON_WORDS = """
 a an the of and or in on at to with without from by for into over under above below behind near next
 is are was were be been being has have had do does did will would can could should may might must
@@ -245,10 +246,12 @@ def train_tokenizer(folder: Path) -> None:
 @dataclass
 class TrainSettings:
     seed: int = 0
-    vae_steps: int = 1400
+    vae_steps: int = 2000
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional; small crops are 4× cheaper than 128 px
     vae_lr: float = 2e-3
+    vae_min_frac: float = 0.35  # crops of ≥ 35% of a photo's side: detail like the 128 px eval photos
+    procedural_fraction: float = 0.2  # share of procedural scenes among the training views
     bank_size: int = 2400  # 128 px training views encoded once for the UNet
     unet_steps: int = 1500
     unet_batch: int = 16
@@ -257,6 +260,7 @@ class TrainSettings:
 
 
 QUICK = dict(vae_steps=5, bank_size=32, unet_steps=5)
+FAMILY_UNET_STEPS = {"sdxl": 2500}  # at 1,500 steps its guided replay of chelsea missed by only 8× NTI's error
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
@@ -266,7 +270,8 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
 
 
 def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
-    """Autoencoder training on random colour crops: L1 + MSE of ``decode(mean(encode(x)))`` against ``x``.
+    """Autoencoder training on random colour crops: L1 + MSE of ``decode(mean(encode(x)))`` against ``x``, Adam
+    with a cosine schedule.
 
     The posterior's log-variance rows of ``quant_conv`` are pinned to −30 (the value diffusers clamps to),
     so ``latent_dist.sample()`` equals ``latent_dist.mean`` to ~3e-7: a deterministic encoder.
@@ -279,7 +284,7 @@ def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(cfg.vae_steps):
-        x = bank.batch(cfg.vae_batch, cfg.vae_crop)  # (B, 3, 64, 64)
+        x = bank.batch(cfg.vae_batch, cfg.vae_crop, cfg.vae_min_frac)  # (B, 3, 64, 64)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
@@ -542,6 +547,8 @@ def main() -> None:
         cfg = replace(cfg, vae_steps=args.vae_steps)
     if args.unet_steps is not None:
         cfg = replace(cfg, unet_steps=args.unet_steps)
+    elif family in FAMILY_UNET_STEPS and not args.quick:
+        cfg = replace(cfg, unet_steps=FAMILY_UNET_STEPS[family])
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -572,15 +579,15 @@ def main() -> None:
     text_encoder.requires_grad_(False)
     if components.get("text_encoder_2") is not None:
         components["text_encoder_2"].requires_grad_(False)
-    if family == "sd1":  # the wider colour VAE (tiny.VAE_TRAIN_CONFIG), seeded as build_random_components does
+    if family == "sd1":  # the VAE (tiny.VAE_CONFIG), seeded as build_random_components does
         from diffusers import AutoencoderKL
 
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed + 1)
-        vae = AutoencoderKL(**tiny.VAE_TRAIN_CONFIG).eval()
+        vae = AutoencoderKL(**tiny.VAE_CONFIG).eval()
         torch.random.set_rng_state(rng_state)
     vae.requires_grad_(family == "sd1")
-    bank = td.ImageBank(rng)
+    bank = td.ImageBank(rng, procedural_fraction=cfg.procedural_fraction)
 
     # 2. VAE (sd1 only): autoencoder, then exact rescaling of the latent space
     s = None
@@ -602,6 +609,9 @@ def main() -> None:
         flush=True,
     )
     timings["vae_minutes"] = round((time.time() - start) / 60, 2)
+    if family == "sd1":  # written now (as saved at the end: fp16) so that --family sd2 / sdxl can start on it
+        copy.deepcopy(vae).half().save_pretrained(out / "vae", safe_serialization=True)
+        print(f"  vae written to {out / 'vae'}", flush=True)
 
     # 3. UNet on the latents, with caption dropout
     print(f"3. unet ({family}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters)", flush=True)
