@@ -169,11 +169,11 @@ class TrainerConfig:
     strategy: str = "auto"
     """"auto", "ddp" or "ddp_spawn". Gradients are never averaged across ranks: each rank inverts its own images."""
     precision: str = "auto"
-    """"auto", "32-true", "bf16-mixed" or "16-mixed". "auto" = the fastest that loses < 0.5 dB PSNR against fp32
-    on the tiny model (README, Precision): bf16-mixed on a CUDA GPU with bf16, 16-mixed on older GPUs, 32-true
-    on CPU; ``config.yaml`` and ``run.json`` record the resolved value. Null embeddings stay float32 in every
-    mode. "16-mixed" uses a GradScaler (skipped steps are not charged to N and are reported per image); on CPU
-    it is given to Fabric as an explicit fp16 plugin, because Fabric would otherwise silently run bf16."""
+    """"auto", "32-true", "bf16-mixed" or "16-mixed". "auto" = the fastest that loses < 0.5 dB PSNR against fp32 on the
+    tiny model (docs/scaleout.md, Precision): 16-mixed on a CUDA GPU, 32-true on CPU; ``config.yaml`` and
+    ``run.json`` record the resolved value. Null embeddings stay float32 in every mode. "16-mixed" uses a GradScaler
+    (skipped steps are not charged to N and are reported per image); on CPU it is given to Fabric as an explicit fp16
+    plugin, because Fabric would otherwise silently run bf16."""
     ddp_timeout_s: int = 1800
     """Timeout of the process group's collectives in seconds (only the start-up barrier uses one)."""
 

@@ -45,9 +45,10 @@ AUTO_PRECISION_MAX_LOSS_DB = 0.5
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     """``trainer.precision="auto"`` → the fastest precision that loses < 0.5 dB PSNR against fp32.
 
-    On a CUDA GPU with bf16 tensor cores (Ampere and newer) that is ``bf16-mixed``: as fast as fp16 and no
-    GradScaler (no skipped steps, no unscale pass); on older CUDA GPUs ``16-mixed``. On CPU (and MPS)
-    ``32-true``: mixed precision is slower there without AMX, and fp32 keeps resume bit-exact.
+    On a CUDA GPU that is ``16-mixed`` (fp16 autocast with a GradScaler): on the bundled tiny model it loses
+    0.01 dB mean / 0.03 dB worst against fp32, where ``bf16-mixed`` (8-bit mantissa) loses 1.05 / 2.21 dB; on
+    tensor cores both run at the same speed. On CPU (and MPS) ``32-true``: mixed precision is slower there
+    without AMX, and fp32 keeps resume bit-exact.
     Any other value is returned unchanged.
     """
     if precision != "auto":
@@ -55,4 +56,4 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     on_cuda = accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available()
     if not on_cuda:
         return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    return "16-mixed"

@@ -101,6 +101,6 @@ def test_auto_precision_resolves_per_device(monkeypatch):
     assert resolve_precision("auto", "auto") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_precision("auto", "cpu") == "32-true"  # CUDA present but CPU asked for
-    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+    for bf16 in (True, False):  # fp16 on every CUDA GPU: bf16 loses > 0.5 dB on the tiny model (docs/scaleout.md)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=bf16: v)
-        assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == expected
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == "16-mixed"
