@@ -11,14 +11,15 @@ exceeded; the JSON is rewritten after every step, so a run killed at its limit s
    on the CPU and on the GPU (TF32 off), T = 50, N = 10: the pivot z*_T within ``--pivot-tol`` (1e-4) and
    each image's reconstruction PSNR (decode(z̄_0) against the input) within ``--psnr-tol-db`` (0.1 dB).
 2. **Per batch size** (1, 2, 4, …, 64; the first out-of-memory batch size is recorded and the larger ones
-   skipped), per precision (32-true, bf16-mixed: the package's ``Runtime`` over a Lightning Fabric) and with
+   skipped), per precision (32-true and ``MIXED`` = 16-mixed, what ``trainer.precision=auto`` resolves to on a CUDA GPU:
+   the package's ``Runtime`` over a Lightning Fabric) and with
    ``torch.compile`` off and on (the package's ``model.compile``: ``torch.compile(unet, mode)`` and a padded
    engine; compile time reported separately, per batch size, after ``torch._dynamo.reset()``): the seconds of
    one full call of each of the engine's two kinds — ``SlotEngine._run_grad`` (INNER rows: forward, backward to
    ∅_t, the per-row Adam step, the host sync) and ``SlotEngine._run_no_grad`` (PIVOT, COND and ADVANCE rows
    mixed) — and the admission of one image (VAE encode + text encoder), with the peak memory
    (``torch.cuda.max_memory_allocated``, reset per configuration; weights and the engine's slot bank included).
-3. **Validation** of the extrapolation below, once: a full T = 50 run of the engine (bf16-mixed, batch 8,
+3. **Validation** of the extrapolation below, once: a full T = 50 run of the engine (``MIXED``, batch 8,
    early stop off, ``--validate-images`` images) timed end to end against the prediction from step 2.
 4. **The authors' early stop**: one full T = 50 run with early stop on (same setting) gives the inner steps
    per image; with random weights that rate is *not* a real model's (the note is in the JSON).
@@ -51,7 +52,7 @@ under ``timeout 570`` with ``--budget-s 480``.
 
 ``--family`` picks the model's builder from ``FAMILIES``: ``sd15`` (SD1.5's shapes, 512 px) or ``sdxl``
 (SDXL base's shapes, ``bench.sdxl.build_sdxl_model``, 1024 px; its ≈8.15 PFLOP worst case per image is ≈8.5×
-SD1.5's, so within the 8-minute budget expect bf16 at few batch sizes). The targets (≤ 3 s/image, …) are
+SD1.5's, so within the 8-minute budget expect the mixed mode at few batch sizes). The targets (≤ 3 s/image, …) are
 SD1.5's; the JSON's ``targets.family`` says which family they were computed for. ``--quick`` runs every step on
 the CPU with the tiny model, 64 px, T = 4, N = 2, batch sizes 1 and 2, no compile, in well under 2 minutes:
 a smoke test of the script, not a measurement.
@@ -88,6 +89,7 @@ TARGETS = {"max_s_per_image_worst": 3.0, "min_images_per_hour": 1200.0, "min_bat
 MEMORY_80GB = 80e9
 PEAK_TFLOPS = 800.0  # the issue's dense bf16 figure for an H100 (the FLOP floor ≈ 1.2 s/image)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names, as trainer.precision
+MIXED = "16-mixed"  # runtime.resolve_precision("auto") on a CUDA GPU: the mixed mode the sweep times and validates
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # model.compile's values
 EARLY_STOP_NOTE = (
     "random weights: the early-stop rate (inner steps per image) is not that of a trained model; "
@@ -124,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, tiny sizes: a smoke test (< 2 min)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, warm-up included")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    p.add_argument("--precisions", default="bf16-mixed,32-true")
+    p.add_argument("--precisions", default=f"{MIXED},32-true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="none: no compiled runs")
     p.add_argument("--compile-batch-sizes", default="8,16,32,64,4,2,1", help="in the order they are tried")
     p.add_argument("--num-ddim-steps", type=int, default=50)
@@ -169,7 +171,7 @@ def setting_for(args) -> Setting:
             T=4,
             N=2,
             batch_sizes=(1, 2),
-            precisions=("32-true", "bf16-mixed"),
+            precisions=("32-true", "bf16-mixed"),  # CPU smoke: fp16's loss-scale skips would re-run steps
             compile_modes=("none",),
             compile_batch_sizes=(),
             warmup_calls=1,
@@ -282,7 +284,14 @@ def runtime_for(precision: str, device: torch.device) -> Runtime:
     if precision == "32-true":
         return Runtime()
     import lightning as L
+    from lightning.fabric.plugins import MixedPrecision
 
+    if precision == "16-mixed" and device.type == "cpu":  # as run.launch.make_fabric: Fabric would run bf16
+        return Runtime(
+            L.Fabric(
+                accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
+            )
+        )
     return Runtime(L.Fabric(accelerator=device.type, devices=1, precision=precision))
 
 
@@ -565,7 +574,7 @@ class Sweep:
             "agreement: tiny model, CPU vs device", 0, lambda: agreement(self.device, self.st, self.args)
         )
         precisions = self.st.precisions
-        validate_precision = "bf16-mixed" if "bf16-mixed" in precisions else precisions[0]
+        validate_precision = MIXED if MIXED in precisions else precisions[0]
         for precision in precisions:
             self.group(model, precision, "none", self.st.batch_sizes)
             if precision == validate_precision:
@@ -619,7 +628,7 @@ class Sweep:
                 if c["status"] == "ok"
                 and c["compile"] == "none"
                 and c["batch_size"] == st.validate_batch
-                and c["precision"] == "bf16-mixed"
+                and c["precision"] == MIXED
             ),
             None,
         )
