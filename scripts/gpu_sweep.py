@@ -284,15 +284,11 @@ def runtime_for(precision: str, device: torch.device) -> Runtime:
     if precision == "32-true":
         return Runtime()
     import lightning as L
-    from lightning.fabric.plugins import MixedPrecision
 
-    if precision == "16-mixed" and device.type == "cpu":  # as run.launch.make_fabric: Fabric would run bf16
-        return Runtime(
-            L.Fabric(
-                accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
-            )
-        )
-    return Runtime(L.Fabric(accelerator=device.type, devices=1, precision=precision))
+    from nti_lightning.run.launch import fabric_precision_kwargs
+
+    kwargs = fabric_precision_kwargs(precision, on_cpu=device.type == "cpu")
+    return Runtime(L.Fabric(accelerator=device.type, devices=1, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------------

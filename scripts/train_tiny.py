@@ -579,13 +579,6 @@ def main() -> None:
     text_encoder.requires_grad_(False)
     if components.get("text_encoder_2") is not None:
         components["text_encoder_2"].requires_grad_(False)
-    if family == "sd1":  # the VAE (tiny.VAE_CONFIG), seeded as build_random_components does
-        from diffusers import AutoencoderKL
-
-        rng_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.seed + 1)
-        vae = AutoencoderKL(**tiny.VAE_CONFIG).eval()
-        torch.random.set_rng_state(rng_state)
     vae.requires_grad_(family == "sd1")
     bank = td.ImageBank(rng, procedural_fraction=cfg.procedural_fraction)
 

@@ -9,7 +9,6 @@ One thread. The recipes tried and what they gave are in docs/tiny_model.md.
 
 import argparse
 import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import tiny_data as td  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
+from measure_tiny import measure_vae  # noqa: E402
+from train_tiny import cosine_lr  # noqa: E402
 
 from nti_lightning.models import tiny  # noqa: E402
 
@@ -89,27 +90,22 @@ print(a.name, sum(p.numel() for p in params) / 1e6, "M", flush=True)
 ema = copy.deepcopy(vae).eval() if a.ema else None
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
 bank = td.ImageBank(rng, procedural_fraction=a.proc)
-ev = td.eval_images(128)
-bic = np.mean([td.psnr(td.bicubic_down_up(x, 8), x) for _, x in ev])
+bic = np.mean([td.psnr(td.bicubic_down_up(x, 8), x) for _, x in td.eval_images(128)])
 
 
 def evaluate(vae=vae):
-    vae.eval()
-    with torch.no_grad():
-        ps, cs = [], []
-        for _, x in ev:
-            r = vae.decode(vae.encode(x[None]).latent_dist.mean).sample[0].clamp(-1, 1)
-            ps.append(td.psnr(r, x))
-            cs.append(td.chroma(r) / td.chroma(x))
+    """Mean PSNR, lowest chroma kept, per-photo PSNRs (``measure_tiny.measure_vae``); leaves ``vae`` training."""
+    rows = measure_vae(vae.eval())
     vae.train()
-    return float(np.mean(ps)), float(min(cs)), [round(v, 2) for v in ps]
+    return (
+        float(np.mean([r["vae_psnr"] for r in rows])),
+        min(r["vae_chroma"] for r in rows),
+        [round(r["vae_psnr"], 2) for r in rows],
+    )
 
 
 def lr_at(step):
-    w = 50
-    if step < w:
-        return a.lr * (step + 1) / w
-    return a.lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, a.steps - w)))
+    return cosine_lr(step, a.steps, a.lr)
 
 
 t0 = time.time()

@@ -24,20 +24,27 @@ from nti_lightning.run.worker import log_line, run_worker, summary_path, worker_
 from nti_lightning.runtime import resolve_precision
 
 
+def fabric_precision_kwargs(precision: str, on_cpu: bool) -> dict:
+    """Fabric's precision arguments: 16-mixed on CPU as an explicit fp16 plugin with a CPU GradScaler (Fabric
+    would silently run bf16), any other precision by name."""
+    if precision == "16-mixed" and on_cpu:
+        from lightning.fabric.plugins import MixedPrecision
+
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
 def make_fabric(cfg: RunConfig, launch: bool = True):
     """Fabric for ``cfg.trainer``; 16-mixed on CPU gets an explicit fp16 plugin (Fabric would run bf16)."""
     from datetime import timedelta
 
     import lightning as L
-    from lightning.fabric.plugins import MixedPrecision
     from lightning.fabric.strategies import DDPStrategy
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     tr = cfg.trainer
-    kwargs: dict = {"precision": tr.precision}
     on_cpu = tr.accelerator == "cpu" or (tr.accelerator == "auto" and not torch.cuda.is_available())
-    if tr.precision == "16-mixed" and on_cpu:
-        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    kwargs = fabric_precision_kwargs(tr.precision, on_cpu)
     strategy = tr.strategy
     if strategy in ("ddp", "ddp_spawn"):
         strategy = DDPStrategy(
