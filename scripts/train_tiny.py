@@ -59,6 +59,13 @@ from tokenizers import Regex as TokRegex
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from nti_lightning.models import tiny
+from nti_lightning.models.embedded import (
+    SHARED_WEIGHTS,
+    drop_shared_weight_files,
+    refold_scaling_factor,
+    shared_components,
+    shares_weights,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_data as td  # noqa: E402
@@ -317,21 +324,6 @@ def rescale_latent_space(vae, views: torch.Tensor) -> float:
     vae.quant_conv.bias[lc:] += 2 * math.log(s)
     vae.post_quant_conv.weight /= s
     return s
-
-
-@torch.no_grad()
-def refold_scaling_factor(vae, scaling_factor: float, force_upcast: bool) -> None:
-    """Gives a trained VAE another ``scaling_factor`` without changing the scaled latents it produces.
-
-    With s = old / new: E'(x) = s·E(x) and D'(z) = D(z / s), so new · E'(x) = old · E(x) (the UNet sees the
-    same latents) and D'(E'(x)) = D(E(x)). Used to give the tiny SDXL SDXL's 0.13025 (and ``force_upcast``)."""
-    lc = vae.config.latent_channels
-    s = vae.config.scaling_factor / scaling_factor
-    vae.quant_conv.weight[:lc] *= s
-    vae.quant_conv.bias[:lc] *= s
-    vae.quant_conv.bias[lc:] += 2 * math.log(s)
-    vae.post_quant_conv.weight /= s
-    vae.register_to_config(scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -650,14 +642,20 @@ def main() -> None:
             requires_safety_checker=False,
         )
     save_folder(pipe, out)
+    if shares_weights(out):  # a shipped folder: the VAE (and SDXL's first text encoder) stay in assets/tiny only
+        for f in drop_shared_weight_files(out):
+            print(f"  {f.relative_to(out)} removed: loaded from {SHARED_WEIGHTS[out.name]}", flush=True)
 
     # 5. Check on the held-out demo samples, with the weights as saved
     print("5. check (PSNR vs VAE round trip, dB)", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    shared = shared_components(out)
     if family == "sdxl":
-        loaded = StableDiffusionXLPipeline.from_pretrained(out, add_watermarker=False)
+        loaded = StableDiffusionXLPipeline.from_pretrained(out, add_watermarker=False, **shared)
     else:
-        loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+        loaded = StableDiffusionPipeline.from_pretrained(
+            out, safety_checker=None, requires_safety_checker=False, **shared
+        )
     rows = check_inversion(loaded, family)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     report = {

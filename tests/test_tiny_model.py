@@ -92,6 +92,34 @@ def test_folder_size_stays_under_cap():
     assert total <= SIZE_CAP_BYTES, f"{tiny.TINY_DIR} is {total / 2**20:.2f} MiB"
 
 
+def test_shared_weights_are_stored_once_and_load_as_tiny_s():
+    """tiny-sd2-v and tiny-sdxl keep only the configs of the VAE (and SDXL of its first text encoder): the weights
+    load from assets/tiny, bitwise for sd2; for SDXL refolded to 0.13025, giving the same scaled latents."""
+    from nti_lightning.models.embedded import SHARED_WEIGHTS
+    from nti_lightning.models.loading import load_model
+
+    for folder, parts in SHARED_WEIGHTS.items():
+        for part in parts:
+            files = sorted(p.name for p in (tiny.TINY_DIR.parent / folder / part).iterdir())
+            assert files == ["config.json"], f"{folder}/{part} holds {files}"
+    assets = [p for name in ("tiny", *SHARED_WEIGHTS) for p in (tiny.TINY_DIR.parent / name).rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in assets) <= 14 * 2**20
+    base, sd2, sdxl = (load_model(name) for name in ("tiny", "tiny-sd2-v", "tiny-sdxl"))
+    for key, value in base.vae.state_dict().items():
+        assert torch.equal(sd2.vae.state_dict()[key], value), key
+    for key, value in base.text_encoder.state_dict().items():
+        assert torch.equal(sdxl.text_encoder.state_dict()[key], value), key
+    assert (sdxl.vae.config.scaling_factor, sdxl.vae.config.force_upcast) == (tiny.SDXL_SCALING_FACTOR, True)
+    x = image_tensor(SAMPLES_DIR / "cat.png")
+    with torch.no_grad():
+        z_base = base.vae.encode(x).latent_dist.mean * base.vae.config.scaling_factor
+        z_xl = sdxl.vae.encode(x).latent_dist.mean * sdxl.vae.config.scaling_factor
+        torch.testing.assert_close(z_xl, z_base, rtol=1e-5, atol=1e-5)
+        out_base = base.vae.decode(z_base / base.vae.config.scaling_factor).sample
+        out_xl = sdxl.vae.decode(z_xl / sdxl.vae.config.scaling_factor).sample
+        torch.testing.assert_close(out_xl, out_base, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------------------

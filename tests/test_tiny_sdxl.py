@@ -61,7 +61,7 @@ def test_shipped_model_is_sdxl_shaped(sdxl):
 
 def test_folder_is_a_few_mb():
     total = sum(p.stat().st_size for p in (ASSETS_DIR / "tiny_sdxl").rglob("*") if p.is_file())
-    assert total <= 8 * 2**20, f"tiny_sdxl is {total / 2**20:.2f} MiB"
+    assert total <= 5 * 2**20, f"tiny_sdxl is {total / 2**20:.2f} MiB"
 
 
 def test_nti_beats_ddim_with_guidance(sdxl, inverted, reconstruction):

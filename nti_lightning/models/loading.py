@@ -1,8 +1,9 @@
 """``load_model``: one entry point for every kind of Stable Diffusion the package inverts with.
 
-The embedded models ("tiny" = SD1-shaped ε-prediction, "tiny-sd2-v" = SD2-shaped v-prediction) are
-themselves diffusers folders shipped inside the package, so they load through exactly the same path as a
-real SD1.x / SD2.x folder. The family (``family.py``) is read off the component configs; the scheduler is
+The embedded models ("tiny" = SD1-shaped ε-prediction, "tiny-sd2-v" = SD2-shaped v-prediction, "tiny-sdxl")
+are themselves diffusers folders shipped inside the package, so they load through exactly the same path as a
+real SD1.x / SD2.x / SDXL folder (the weights they share are stored once: ``embedded.py``). The family
+(``family.py``) is read off the component configs; the scheduler is
 always a DDIM scheduler built from the model's own scheduler config (betas, ``timestep_spacing``,
 ``steps_offset``, ``set_alpha_to_one``, ``prediction_type`` as the model gives them, after the fix-ups
 ``StableDiffusionPipeline`` applies when loading: ``steps_offset`` 1, ``clip_sample`` False), and options the
@@ -27,6 +28,7 @@ from nti_lightning.models.detect import (
     check_scheduler_config,
     inspect_folder,
 )
+from nti_lightning.models.embedded import shared_components
 from nti_lightning.models.family import Family, family_from_configs, is_sd2_layout
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -223,7 +225,8 @@ def _from_folder(folder: Path, kwargs: dict):
     except ValueError as e:
         raise ModelFolderError(f"model {folder}: {e}") from e
     cls = _pipeline_class(info.pipeline_class)
-    return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs))
+    shared = shared_components(folder, kwargs["dtype"])  # embedded folders: the weights stored once
+    return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs), **shared)
 
 
 CHECKPOINT_PARTS = {
