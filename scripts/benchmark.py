@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--latent-tol", type=float, default=1e-2, help="max |Δ| of z̄_0, engine vs authors' loop")
     p.add_argument("--pivot-tol", type=float, default=1e-3, help="max |Δ| of z*_T, engine vs authors' loop")
+    p.add_argument(
+        "--authors-repo",
+        type=Path,
+        default=None,
+        help="a prompt-to-prompt checkout: also time the authors' own NullInversion (bench.authors_code)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     return p.parse_args(argv)
 
@@ -91,6 +97,34 @@ def run_baseline(model, pixels, prompts, cfg, **kw) -> tuple[float, list]:
         out.append(baseline_invert(model, px[None], p, cfg, **kw))
     sync(model.device)
     return (time.perf_counter() - t0) / len(pixels), out
+
+
+def run_authors(model, pixels, prompts, cfg, repo: Path) -> tuple[float, list]:
+    """The authors' own ``NullInversion.invert`` per image (timed), then its nulls replayed by our guided DDIM
+    sampler for z̄_0 (not timed), so the equality check compares it like the re-implementation."""
+    from nti_lightning.bench.authors_code import AuthorsNullInversion
+    from nti_lightning.bench.baseline import BaselineResult
+    from nti_lightning.ddim import schedule_from_scheduler
+    from nti_lightning.sampling import ddim_sample, encode_latents
+    from nti_lightning.text import encode_text
+
+    runner = AuthorsNullInversion(repo, model, cfg.num_ddim_steps, cfg.guidance_scale, cfg.num_inner_steps,
+                                  cfg.early_stop_epsilon if cfg.early_stop else -1.0)  # fmt: skip
+    t0, raw = time.perf_counter(), []
+    for px, p in zip(pixels, prompts):
+        raw.append(runner.invert(px, p))
+    sync(model.device)
+    seconds = (time.perf_counter() - t0) / len(pixels)
+    schedule = schedule_from_scheduler(model.scheduler, cfg.num_ddim_steps)
+    denoise = Runtime().denoiser(model.unet, model.family)
+    out = []
+    for px, p, (z_T, nulls) in zip(pixels, prompts, raw):
+        cond = {"prompt_embeds": encode_text(model, [p]).to(model.device)}
+        null_conds = [{"prompt_embeds": n.to(model.device)} for n in nulls]
+        z_0 = ddim_sample(denoise, schedule, z_T[None], cond, null_conds, cfg.guidance_scale)[0]
+        z0 = encode_latents(model, px[None].to(model.device))[0]
+        out.append(BaselineResult(torch.cat(nulls).cpu(), z0.cpu(), z_T.cpu(), z_0.cpu(), torch.zeros(0)))
+    return seconds, out
 
 
 def run_engine(model, pixels, prompts, cfg, rows, runtime, fixed=False) -> tuple[float, dict, dict]:
@@ -136,6 +170,12 @@ def write_report(report: dict, out: Path) -> None:
                      f"{frozen / dist:.2f} | — |")  # fmt: skip
         lines.append(f"| {es} | authors' loop, frozen weights | 1 | {frozen:.2f} | {1 / frozen:.3f} | "
                      f"{dist / frozen:.2f} | 1.00 | — |")  # fmt: skip
+        if "authors_own_code_s" in block:
+            own, eq = block["authors_own_code_s"], block["authors_own_vs_reimplementation"]
+            lines.append(f"| {es} | **authors' own NullInversion** | 1 | {own:.2f} | {1 / own:.3f} | "
+                         f"{dist / own:.2f} | "
+                         f"{frozen / own:.2f} | vs re-implementation: {'passed' if eq['passed'] else 'FAILED'} "
+                         f"(Δz̄_0 {eq['max_abs_dz_0']:.1e}) |")  # fmt: skip
         for row in block["engine"]:
             eq = row["equality"]
             ratio = (lambda r: f"{r:.2f}") if eq["passed"] else (lambda r: "not shown")
@@ -194,6 +234,12 @@ def main(argv=None) -> int:
         frozen_s, _ = run_baseline(model, pixels[:nb], prompts[:nb], cfg, weights_grad=False)  # 2
         block = {"baseline_as_distributed_s": dist_s, "baseline_frozen_s": frozen_s, "engine": []}
         print(f"early stop {es}: authors' code {dist_s:.2f} s/image as distributed, {frozen_s:.2f} frozen", flush=True)
+        if args.authors_repo is not None:  # their own NullInversion class, checked against the re-implementation
+            own_s, own = run_authors(model, pixels[:nb], prompts[:nb], cfg, args.authors_repo)
+            block["authors_own_code_s"] = own_s
+            block["authors_own_vs_reimplementation"] = check({k: b for k, b in enumerate(own)}, base, args)
+            print(f"  the authors' own NullInversion ({args.authors_repo}): {own_s:.2f} s/image; vs the "
+                  f"re-implementation {block['authors_own_vs_reimplementation']}", flush=True)  # fmt: skip
         for rows in batch_sizes:  # 3
             for method in ("slots", "fixed batches") if args.fixed else ("slots",):
                 n = args.images
@@ -204,6 +250,8 @@ def main(argv=None) -> int:
                 block["engine"].append({"method": method, "rows": rows, "s_per_image": s, "equality": eq,
                                         "inner_steps_per_image": inner, "calls": calls})  # fmt: skip
                 shown = f"{dist_s / s:.2f}× as distributed, {frozen_s / s:.2f}× frozen" if eq["passed"] else "—"
+                if "authors_own_code_s" in block and eq["passed"]:
+                    shown += f", {block['authors_own_code_s'] / s:.2f}× the authors' own code"
                 print(f"  {method} rows={rows}: {s:.2f} s/image, {inner:.0f} inner steps/image, {shown}; "
                       f"Δz̄_0 {eq['max_abs_dz_0']:.1e} {'ok' if eq['passed'] else 'FAILED'}", flush=True)  # fmt: skip
         report["runs"][es] = block
