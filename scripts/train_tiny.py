@@ -48,15 +48,16 @@ import shutil
 import sys
 import tempfile
 import time
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tokenizers import Regex as TokRegex
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from nti_lightning.models import tiny
 from nti_lightning.models.embedded import (
@@ -172,7 +173,7 @@ on top side front back left right middle center inside outside around between
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> list[str]:
+def byte_symbols() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible byte → printable character table, in CLIP's vocabulary order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -183,7 +184,59 @@ def bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def bytes_to_unicode() -> list[str]:
+    """The 256 byte symbols in CLIP's vocabulary order."""
+    return list(byte_symbols().values())
+
+
+WORD_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+"""CLIP's pre-tokenisation (``CLIPTokenizer.pat`` without the special tokens)."""
+
+
+def word_counts(corpus: list[str]) -> Counter:
+    """Each text as ``CLIPTokenizer`` splits it: NFC, whitespace collapsed, lower case, CLIP's word split, bytes as
+    ``bytes_to_unicode`` symbols, ``</w>`` on a word's last symbol → {word as a tuple of symbols: count}."""
+    table = byte_symbols()
+    counts: Counter = Counter()
+    for text in corpus:
+        text = " ".join(unicodedata.normalize("NFC", text).split()).lower()
+        for word in regex.findall(WORD_SPLIT, text):
+            symbols = [table[b] for b in word.encode("utf-8")]
+            counts[(*symbols[:-1], symbols[-1] + "</w>")] += 1
+    return counts
+
+
+def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair of symbols.
+
+    Ties go to the pair that sorts first, so the merges are a function of the corpus alone (the ``tokenizers``
+    trainer breaks ties in hash order: two runs gave two vocabularies)."""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, k = [], 0
+            while k < len(word):
+                if k + 1 < len(word) and (word[k], word[k + 1]) == best:
+                    out.append(word[k] + word[k + 1])
+                    k += 2
+                else:
+                    out.append(word[k])
+                    k += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
 
 
 def train_tokenizer(folder: Path) -> None:
@@ -199,31 +252,7 @@ def train_tokenizer(folder: Path) -> None:
     captions = [c for cs in CAPTIONS.values() for c in cs] + SCENE_CAPTIONS + [c for *_, c in DEMO_SAMPLES]
     corpus += captions * 2
 
-    bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(TokRegex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                TokRegex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-    )
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    merges = [
-        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]
-    ]
+    merges = learn_bpe_merges(word_counts(corpus), max_merges=tiny.VOCAB_SIZE)
 
     base = bytes_to_unicode()
     vocab_list = base + [b + "</w>" for b in base]
@@ -253,10 +282,12 @@ def train_tokenizer(folder: Path) -> None:
 @dataclass
 class TrainSettings:
     seed: int = 0
-    vae_steps: int = 2000
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional; small crops are 4× cheaper than 128 px
-    vae_lr: float = 2e-3
+    vae_finetune_steps: int = 500  # then on 128 px crops, the native size
+    vae_finetune_batch: int = 2  # the same pixels per step as 8 crops of 64 px
+    vae_lr: float = 1e-3  # 2e-3 and 4e-3 fall back to a grey image for hundreds of steps
     vae_min_frac: float = 0.35  # crops of ≥ 35% of a photo's side: detail like the 128 px eval photos
     procedural_fraction: float = 0.2  # share of procedural scenes among the training views
     bank_size: int = 2400  # 128 px training views encoded once for the UNet
@@ -266,7 +297,7 @@ class TrainSettings:
     caption_dropout: float = 0.1
 
 
-QUICK = dict(vae_steps=5, bank_size=32, unet_steps=5)
+QUICK = dict(vae_steps=5, vae_finetune_steps=2, bank_size=32, unet_steps=5)
 FAMILY_UNET_STEPS = {"sdxl": 2500}  # at 1,500 steps its guided replay of chelsea missed by only 8× NTI's error
 
 
@@ -276,13 +307,32 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@torch.no_grad()
+def init_vae(vae) -> None:
+    """Signal-preserving start: every conv / linear weight × √3, the last conv of each residual branch and each
+    attention's output projection zeroed (every ResNet block and the mid-block attention start as the identity).
+
+    PyTorch's default init (kaiming-uniform, a = √5) gives each conv an output variance ~1/3 of its input's; over
+    the ~12 plain convs of the encoder and decoder's main paths the input hardly reaches the output, and training
+    from it sits for ~1,000 steps at a grey image. ×√3 makes the plain convs variance-preserving, and with the
+    residual branches at zero the image passes through the whole autoencoder from the first step."""
+    for name, module in vae.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.weight.mul_(math.sqrt(3.0))
+        if name.endswith("conv2") or name.endswith("to_out.0"):
+            module.weight.zero_()
+            module.bias.zero_()
+
+
 def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
     """Autoencoder training on random colour crops: L1 + MSE of ``decode(mean(encode(x)))`` against ``x``, Adam
-    with a cosine schedule.
+    with a cosine schedule, from ``init_vae``'s start; the last ``vae_finetune_steps`` on 128 px crops (the
+    native size: the GroupNorms and the mid-block attention then see whole images' statistics).
 
     The posterior's log-variance rows of ``quant_conv`` are pinned to −30 (the value diffusers clamps to),
     so ``latent_dist.sample()`` equals ``latent_dist.mean`` to ~3e-7: a deterministic encoder.
     """
+    init_vae(vae)
     with torch.no_grad():
         lc = vae.config.latent_channels
         vae.quant_conv.weight[lc:].zero_()
@@ -290,10 +340,14 @@ def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
-    for step in range(cfg.vae_steps):
-        x = bank.batch(cfg.vae_batch, cfg.vae_crop, cfg.vae_min_frac)  # (B, 3, 64, 64)
+    total = cfg.vae_steps + cfg.vae_finetune_steps
+    for step in range(total):
+        if step < cfg.vae_steps:
+            x = bank.batch(cfg.vae_batch, cfg.vae_crop, cfg.vae_min_frac)  # (B, 3, 64, 64)
+        else:
+            x = bank.batch(cfg.vae_finetune_batch, tiny.IMAGE_SIZE, cfg.vae_min_frac)  # (b, 3, 128, 128)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
+            g["lr"] = cosine_lr(step, total, cfg.vae_lr)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         opt.zero_grad(set_to_none=True)
@@ -303,7 +357,7 @@ def train_vae(vae, bank: td.ImageBank, cfg: TrainSettings) -> None:
             vae.quant_conv.bias.grad[lc:].zero_()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 100 == 0 or step == cfg.vae_steps - 1:
+        if step % 250 == 0 or step == total - 1:
             print(f"  vae step {step:4d}  loss {loss.item():.4f}", flush=True)
     vae.eval()
 
@@ -502,17 +556,22 @@ def build_bank_views(
     return torch.stack(views), groups, torch.tensor(sides)
 
 
-def save_folder(pipe, out: Path) -> None:
-    """save_pretrained into ``out``, keeping README.md / LICENSE already there."""
+def save_folder(pipe, out: Path, keep: tuple[str, ...] = ()) -> None:
+    """save_pretrained into ``out``, keeping README.md / LICENSE already there; other files in the components'
+    folders that this save does not write are removed (stale ones would shadow or contradict the new ones),
+    except those named in ``keep`` (paths relative to ``out``)."""
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        for entry in sorted(Path(tmp).rglob("*")):
-            target = out / entry.relative_to(tmp)
-            if entry.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(entry, target)
+        written = {entry.relative_to(tmp) for entry in Path(tmp).rglob("*") if entry.is_file()}
+        for sub in {path.parts[0] for path in written if len(path.parts) > 1}:
+            for old in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
+                rel = old.relative_to(out)
+                if old.is_file() and rel not in written and str(rel) not in keep:
+                    old.unlink()
+        for rel in sorted(written):
+            target = out / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / rel, target)
 
 
 def main() -> None:
@@ -641,7 +700,7 @@ def main() -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    save_folder(pipe, out)
+    save_folder(pipe, out, keep=("tokenizer/vocab.json", "tokenizer/merges.txt") if family == "sd1" else ())
     if shares_weights(out):  # a shipped folder: the VAE (and SDXL's first text encoder) stay in assets/tiny only
         for f in drop_shared_weight_files(out):
             print(f"  {f.relative_to(out)} removed: loaded from {SHARED_WEIGHTS[out.name]}", flush=True)

@@ -3,6 +3,8 @@ shape (or other widths) on ``tiny_data.ImageBank`` crops and print the held-out 
 chroma kept every ``--every`` steps (raw weights, and their moving average with ``--ema``).
 
     python scripts/vae_experiment.py --name base --minfrac 0.35 --proc 0.2 --steps 2000 --every 500
+    python scripts/vae_experiment.py --name shipped --widths 32,32,64,64 --init signal --lr 1e-3 --minfrac 0.35 \
+        --proc 0.2 --steps 3000 --finetune-steps 500 --every 500     # the shipped recipe (train_tiny.TrainSettings)
 
 One thread. The recipes tried and what they gave are in docs/tiny_model.md.
 """
@@ -20,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from measure_tiny import measure_vae  # noqa: E402
-from train_tiny import cosine_lr  # noqa: E402
+from train_tiny import cosine_lr, init_vae  # noqa: E402
 
 from nti_lightning.models import tiny  # noqa: E402
 
@@ -42,6 +44,9 @@ p.add_argument("--save")
 p.add_argument("--zeroinit", action="store_true")
 p.add_argument("--ema", type=float, default=0.0)
 p.add_argument("--constch", type=float, default=0.0)
+p.add_argument("--init", choices=("default", "signal"), default="default", help="signal: train_tiny.init_vae")
+p.add_argument("--finetune-steps", type=int, default=0, help="the last steps of --steps on 128 px crops")
+p.add_argument("--finetune-batch", type=int, default=2)
 a = p.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(1)
@@ -55,6 +60,8 @@ cfg = {
 if a.noattn:
     cfg["mid_block_add_attention"] = False
 vae = AutoencoderKL(**cfg)
+if a.init == "signal":
+    init_vae(vae)
 lc = 4
 with torch.no_grad():
     vae.quant_conv.weight[lc:].zero_()
@@ -111,7 +118,10 @@ def lr_at(step):
 t0 = time.time()
 vae.train()
 for step in range(a.steps):
-    x = bank.batch(a.batch, a.crop, a.minfrac)
+    if step < a.steps - a.finetune_steps:
+        x = bank.batch(a.batch, a.crop, a.minfrac)
+    else:  # the native size: GroupNorm statistics and the mid-block attention over whole images
+        x = bank.batch(a.finetune_batch, tiny.IMAGE_SIZE, a.minfrac)
     for g in opt.param_groups:
         g["lr"] = lr_at(step)
     r = vae.decode(vae.encode(x).latent_dist.mean).sample
