@@ -72,7 +72,7 @@ def main() -> None:
         labels = [
             f"source: {prompt}",
             f"VAE round trip ({scores['VAE vs source']:.1f} dB)",
-            f"DDIM + w=7.5, no NTI ({scores['no NTI vs VAE']:.1f} dB)",
+            f"w=7.5, no NTI ({scores['no NTI vs VAE']:.1f} dB)",
             f"NTI ({scores['NTI vs VAE']:.1f} dB)",
             f"P2P edit: {target}",
         ]

@@ -47,7 +47,7 @@ def _edit_json(path, **changes):
 
 def test_families_are_detected(tiny_model, sd2_random, sd2_dir):
     assert tiny_model.family.name == "sd1" and tiny_model.prediction_type == "epsilon"
-    assert not tiny_model.family.attention.linear_projection and tiny_model.family.attention.heads == (8,) * 4
+    assert not tiny_model.family.attention.linear_projection and tiny_model.family.attention.heads == (2,) * 4
     fam = sd2_random.family
     assert (fam.name, fam.prediction_type, fam.native_image_size, fam.scaling_factor) == (
         "sd2-v",
