@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="a prompt-to-prompt checkout: also time the authors' own NullInversion (bench.authors_code)",
     )
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every configuration, in turn; medians reported")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     return p.parse_args(argv)
 
@@ -162,27 +164,40 @@ def write_report(report: dict, out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Null-text inversion throughput ({report['model']}, T={report['T']}, N={report['N']})", "",
              f"Machine: {report['machine']}", "", f"Command: `{report['command']}`", "",
-             "| early stop | method | rows | s/image | images/s | × as distributed | × frozen loop | equality |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| early stop | method | rows | s/image | images/s | inner steps/image | × authors' own code | "
+             "× as distributed | × frozen loop | UNet rows filled | equality |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for es, block in report["runs"].items():
-        dist, frozen = block["baseline_as_distributed_s"], block["baseline_frozen_s"]
-        lines.append(f"| {es} | authors' code as distributed | 1 | {dist:.2f} | {1 / dist:.3f} | 1.00 | "
-                     f"{frozen / dist:.2f} | — |")  # fmt: skip
-        lines.append(f"| {es} | authors' loop, frozen weights | 1 | {frozen:.2f} | {1 / frozen:.3f} | "
-                     f"{dist / frozen:.2f} | 1.00 | — |")  # fmt: skip
-        if "authors_own_code_s" in block:
-            own, eq = block["authors_own_code_s"], block["authors_own_vs_reimplementation"]
-            lines.append(f"| {es} | **authors' own NullInversion** | 1 | {own:.2f} | {1 / own:.3f} | "
-                         f"{dist / own:.2f} | "
-                         f"{frozen / own:.2f} | vs re-implementation: {'passed' if eq['passed'] else 'FAILED'} "
-                         f"(Δz̄_0 {eq['max_abs_dz_0']:.1e}) |")  # fmt: skip
+        base = {"own": block.get("authors_own_code_s"), "dist": block["baseline_as_distributed_s"],
+                "frozen": block["baseline_frozen_s"]}  # fmt: skip
+
+        def ratios(s: float, shown: bool = True) -> str:
+            return " | ".join("—" if b is None else (f"{b / s:.2f}" if shown else "not shown") for b in base.values())
+
+        rows = [("authors' code as distributed", base["dist"], None, "—"),
+                ("authors' loop, frozen weights", base["frozen"], None, "—")]  # fmt: skip
+        if base["own"] is not None:
+            eq = block["authors_own_vs_reimplementation"]
+            verdict = f"{'passed' if eq['passed'] else 'FAILED'} (Δz̄_0 {eq['max_abs_dz_0']:.1e})"
+            rows.append(("**authors' own NullInversion**", base["own"], None, f"vs re-implementation: {verdict}"))
+
+        def timed(key: str, sec: float) -> str:  # the median, and the range over --repeats rounds
+            runs = block.get("seconds", {}).get(key, [])
+            return f"{sec:.2f}" + (f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else "")
+
+        keys = {"authors' code as distributed": "as_distributed", "authors' loop, frozen weights": "frozen",
+                "**authors' own NullInversion**": "authors_own"}  # fmt: skip
+        for name, sec, _, eq_text in rows:
+            lines.append(f"| {es} | {name} | 1 | {timed(keys[name], sec)} | {1 / sec:.3f} | — | {ratios(sec)} | 100% "
+                         f"| {eq_text} |")  # fmt: skip
         for row in block["engine"]:
-            eq = row["equality"]
-            ratio = (lambda r: f"{r:.2f}") if eq["passed"] else (lambda r: "not shown")
-            lines.append(f"| {es} | {row['method']} | {row['rows']} | {row['s_per_image']:.2f} | "
-                         f"{1 / row['s_per_image']:.3f} | {ratio(dist / row['s_per_image'])} | "
-                         f"{ratio(frozen / row['s_per_image'])} | {'passed' if eq['passed'] else 'FAILED'} "
-                         f"(Δz̄_0 {eq['max_abs_dz_0']:.1e}) |")  # fmt: skip
+            eq, sec, calls = row["equality"], row["s_per_image"], row["calls"]
+            fill = calls["rows"] / max(1, (calls["grad"] + calls["no_grad"]) * row["rows"])
+            key = f"{row['method']} rows={row['rows']}"
+            lines.append(f"| {es} | {row['method']} | {row['rows']} | {timed(key, sec)} | "
+                         f"{1 / sec:.3f} | "
+                         f"{row['inner_steps_per_image']:.0f} | {ratios(sec, eq['passed'])} | {fill:.0%} | "
+                         f"{'passed' if eq['passed'] else 'FAILED'} (Δz̄_0 {eq['max_abs_dz_0']:.1e}) |")  # fmt: skip
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -207,6 +222,49 @@ def write_report(report: dict, out: Path) -> None:
     fig.savefig(out / "throughput.png", dpi=120)
 
 
+def run_block(args, model, runtime, pixels, prompts, cfg, batch_sizes) -> dict:
+    """Steps 2–4 for one early-stop setting, ``--repeats`` rounds in turn (every configuration once per round, so a
+    slow spell of the machine hits them alike); s/image is each configuration's median over the rounds."""
+    nb, n = args.baseline_images, args.images
+    seconds: dict[str, list[float]] = {}
+    block: dict = {"engine": []}
+    for round_ in range(args.repeats):
+        dist_s, base = run_baseline(model, pixels[:nb], prompts[:nb], cfg, weights_grad=True, classic_attention=True)
+        frozen_s, _ = run_baseline(model, pixels[:nb], prompts[:nb], cfg, weights_grad=False)  # 2
+        seconds.setdefault("as_distributed", []).append(dist_s)
+        seconds.setdefault("frozen", []).append(frozen_s)
+        if args.authors_repo is not None:  # their own NullInversion class, checked against the re-implementation
+            own_s, own = run_authors(model, pixels[:nb], prompts[:nb], cfg, args.authors_repo)
+            seconds.setdefault("authors_own", []).append(own_s)
+            block["authors_own_vs_reimplementation"] = check({k: b for k, b in enumerate(own)}, base, args)
+        for rows in batch_sizes:  # 3
+            for method in ("slots", "fixed batches") if args.fixed else ("slots",):
+                sec, out, calls = run_engine(model, pixels[:n], prompts[:n], replace(cfg), rows, runtime,
+                                             fixed=method != "slots")  # fmt: skip
+                seconds.setdefault(f"{method} rows={rows}", []).append(sec)
+                if round_ == 0:
+                    block["engine"].append(
+                        {
+                            "method": method,
+                            "rows": rows,
+                            "equality": check(out, base, args),
+                            "inner_steps_per_image": sum(int(i.inner_steps.sum()) for i in out.values()) / n,
+                            "calls": calls,
+                        }
+                    )  # fmt: skip  4
+        print(f"  round {round_ + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in seconds.items()),
+              flush=True)  # fmt: skip
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    block.update(
+        seconds=seconds, baseline_as_distributed_s=median["as_distributed"], baseline_frozen_s=median["frozen"]
+    )
+    if "authors_own" in median:
+        block["authors_own_code_s"] = median["authors_own"]
+    for row in block["engine"]:
+        row["s_per_image"] = median[f"{row['method']} rows={row['rows']}"]
+    return block
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -229,31 +287,8 @@ def main(argv=None) -> int:
     for es in ("on", "off") if args.early_stop == "both" else (args.early_stop,):
         cfg = InversionConfig(num_ddim_steps=args.num_ddim_steps, num_inner_steps=args.num_inner_steps,
                               early_stop=es == "on", image_size=args.image_size)  # fmt: skip
-        nb = args.baseline_images
-        dist_s, base = run_baseline(model, pixels[:nb], prompts[:nb], cfg, weights_grad=True, classic_attention=True)
-        frozen_s, _ = run_baseline(model, pixels[:nb], prompts[:nb], cfg, weights_grad=False)  # 2
-        block = {"baseline_as_distributed_s": dist_s, "baseline_frozen_s": frozen_s, "engine": []}
-        print(f"early stop {es}: authors' code {dist_s:.2f} s/image as distributed, {frozen_s:.2f} frozen", flush=True)
-        if args.authors_repo is not None:  # their own NullInversion class, checked against the re-implementation
-            own_s, own = run_authors(model, pixels[:nb], prompts[:nb], cfg, args.authors_repo)
-            block["authors_own_code_s"] = own_s
-            block["authors_own_vs_reimplementation"] = check({k: b for k, b in enumerate(own)}, base, args)
-            print(f"  the authors' own NullInversion ({args.authors_repo}): {own_s:.2f} s/image; vs the "
-                  f"re-implementation {block['authors_own_vs_reimplementation']}", flush=True)  # fmt: skip
-        for rows in batch_sizes:  # 3
-            for method in ("slots", "fixed batches") if args.fixed else ("slots",):
-                n = args.images
-                s, out, calls = run_engine(model, pixels[:n], prompts[:n], replace(cfg), rows, runtime,
-                                           fixed=method != "slots")  # fmt: skip
-                eq = check(out, base, args)  # 4
-                inner = sum(int(inv.inner_steps.sum()) for inv in out.values()) / n
-                block["engine"].append({"method": method, "rows": rows, "s_per_image": s, "equality": eq,
-                                        "inner_steps_per_image": inner, "calls": calls})  # fmt: skip
-                shown = f"{dist_s / s:.2f}× as distributed, {frozen_s / s:.2f}× frozen" if eq["passed"] else "—"
-                if "authors_own_code_s" in block and eq["passed"]:
-                    shown += f", {block['authors_own_code_s'] / s:.2f}× the authors' own code"
-                print(f"  {method} rows={rows}: {s:.2f} s/image, {inner:.0f} inner steps/image, {shown}; "
-                      f"Δz̄_0 {eq['max_abs_dz_0']:.1e} {'ok' if eq['passed'] else 'FAILED'}", flush=True)  # fmt: skip
+        block = run_block(args, model, runtime, pixels, prompts, cfg, batch_sizes)
+        print(f"early stop {es}: {json.dumps(block['seconds'])}", flush=True)
         report["runs"][es] = block
     write_report(report, args.out)  # 5
     print(f"wrote {args.out}/bench.json, bench.md, throughput.png")
