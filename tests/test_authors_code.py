@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nti_lightning.bench.authors_code import AuthorsNullInversion, null_inversion_source
+from nti_lightning.models.attention_dispatch import _direct_forward
 
 CELL = """
 def load_512(image_path, left=0, right=0, top=0, bottom=0):
@@ -63,7 +64,9 @@ def test_runs_the_checkout_s_class_on_a_copy_of_the_unet(tmp_path, tiny_model):
     assert z_T.shape == (4, 16, 16) and len(nulls) == 3 and float(nulls[0][0, 0, 0]) == 4.0
     hooked = [m for m in runner.unet.modules() if "forward" in m.__dict__]
     assert hooked and all(type(m).__name__ == "Attention" for m in hooked)
-    assert not any("forward" in m.__dict__ for m in tiny_model.unet.modules())  # ours untouched
+    assert not any("_nti_direct_dispatch" in m.__dict__ for m in runner.unet.modules())  # diffusers' forward, hooked
+    ours = [m for m in tiny_model.unet.modules() if "forward" in m.__dict__]
+    assert ours and all(m.forward.__func__ is _direct_forward for m in ours)  # ours untouched by their hook
     assert all(p.requires_grad for p in runner.unet.parameters())  # as distributed
     assert not any(p.requires_grad for p in tiny_model.unet.parameters())
     for name in ("cv2", "IPython"):  # where not installed, the stand-ins are gone after ptp_utils' import

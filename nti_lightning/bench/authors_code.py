@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from nti_lightning.models.attention_dispatch import remove_direct_dispatch
+
 NOTEBOOK = "null_text_w_ptp.ipynb"
 UTILS = "ptp_utils.py"
 
@@ -105,6 +107,7 @@ class AuthorsNullInversion:
         self.size = model.native_image_size
         self.num_inner_steps, self.early_stop_epsilon = num_inner_steps, early_stop_epsilon
         self.unet = copy.deepcopy(model.unet).requires_grad_(True)  # as from_pretrained leaves it
+        remove_direct_dispatch(self.unet)  # diffusers' own Attention.forward, as from_pretrained leaves it
         self.pipe = StableDiffusionPipeline(
             vae=model.vae,
             text_encoder=model.text_encoder,

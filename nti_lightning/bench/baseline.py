@@ -28,6 +28,7 @@ from torch import Tensor
 
 from nti_lightning.config import InversionConfig
 from nti_lightning.ddim import classifier_free_guidance, ddim_inverse_step, ddim_step, schedule_from_scheduler
+from nti_lightning.models.attention_dispatch import stock_attention_dispatch
 from nti_lightning.nulltext import early_stop_threshold, latent_mse, null_text_lr
 from nti_lightning.sampling import encode_latents
 from nti_lightning.text import encode_null, encode_text
@@ -57,7 +58,8 @@ def _as_distributed(unet, weights_grad: bool, classic_attention: bool):
 
         unet.set_attn_processor({n: P2PAttnProcessor(lambda a, c, p: a, place_in_unet(n)) for n in processors})
     try:
-        yield
+        with stock_attention_dispatch(unet):  # diffusers' Attention.forward, as their code gets it
+            yield
     finally:
         if classic_attention:
             unet.set_attn_processor(processors)

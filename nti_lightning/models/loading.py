@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nti_lightning.models.attention_dispatch import direct_attention_dispatch
 from nti_lightning.models.detect import (
     SDXL_PIPELINES,
     ModelFolderError,
@@ -65,6 +66,7 @@ class NTIModel:
         for m in self.modules:
             m.requires_grad_(False)  # frozen: backward fills no weight gradients
             m.eval()
+        direct_attention_dispatch(self.unet)  # same numbers, without diffusers' per-call signature inspection
         if self.family is None:
             self.family = family_from_configs(
                 dict(self.unet.config), dict(self.vae.config), dict(self.scheduler.config), self.context_length
