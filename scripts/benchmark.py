@@ -38,7 +38,7 @@ from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--model", default="tiny", help="tiny, sd15 (random weights) or a local diffusers folder")
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--batch-sizes", default="1,4,8,16", help="rows per UNet call, comma-separated")
     p.add_argument("--images", type=int, default=16, help="images per engine configuration")

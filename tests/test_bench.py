@@ -155,6 +155,11 @@ def test_build_bench_model_rejects_unknown_names():
         build_bench_model("sd3")
 
 
+def test_build_bench_model_loads_a_local_folder(model_dir, random_model):
+    model = build_bench_model(str(model_dir))
+    assert model.fingerprint == random_model.fingerprint  # the folder's weights, not the embedded tiny model's
+
+
 def test_unet_step_script_times_each_variant(tmp_path):
     spec = importlib.util.spec_from_file_location("nti_step_script", ROOT / "scripts" / "bench_unet_step.py")
     step = importlib.util.module_from_spec(spec)

@@ -33,7 +33,10 @@ PROMPTS = (
 
 def build_bench_model(name: str, device: str | torch.device = "cpu", seed: int = 0):
     """``"tiny"``: the shipped trained tiny model when present, else the tiny architecture with random weights;
-    ``"sd15"`` / ``"sdxl"``: SD1.5's / SDXL base's architecture with random weights. Returns an ``NTIModel``."""
+    ``"sd15"`` / ``"sdxl"``: SD1.5's / SDXL base's architecture with random weights; a local diffusers folder:
+    that model. Returns an ``NTIModel``."""
+    from pathlib import Path
+
     from nti_lightning.models import load_model, model_from_components
     from nti_lightning.models.tiny import TINY_DIR
 
@@ -46,7 +49,9 @@ def build_bench_model(name: str, device: str | torch.device = "cpu", seed: int =
 
         return build_sdxl_model(device=device, seed=seed)
     if name != "tiny":
-        raise ValueError(f"unknown benchmark model {name!r}; use 'tiny', 'sd15' or 'sdxl'")
+        if Path(name).is_dir():
+            return load_model(name, device=device)
+        raise ValueError(f"unknown benchmark model {name!r}; use 'tiny', 'sd15', 'sdxl' or a diffusers folder")
     if (TINY_DIR / "model_index.json").is_file():
         return load_model("tiny", device=device)
     model = model_from_components(**tiny_random_components(seed), source="tiny-random")
