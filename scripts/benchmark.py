@@ -174,21 +174,20 @@ def write_report(report: dict, out: Path) -> None:
         def ratios(s: float, shown: bool = True) -> str:
             return " | ".join("—" if b is None else (f"{b / s:.2f}" if shown else "not shown") for b in base.values())
 
-        rows = [("authors' code as distributed", base["dist"], None, "—"),
-                ("authors' loop, frozen weights", base["frozen"], None, "—")]  # fmt: skip
+        rows = [("authors' code as distributed", "as_distributed", base["dist"], "—"),
+                ("authors' loop, frozen weights", "frozen", base["frozen"], "—")]  # fmt: skip
         if base["own"] is not None:
             eq = block["authors_own_vs_reimplementation"]
             verdict = f"{'passed' if eq['passed'] else 'FAILED'} (Δz̄_0 {eq['max_abs_dz_0']:.1e})"
-            rows.append(("**authors' own NullInversion**", base["own"], None, f"vs re-implementation: {verdict}"))
+            own_eq = f"vs re-implementation: {verdict}"
+            rows.append(("**authors' own NullInversion**", "authors_own", base["own"], own_eq))
 
         def timed(key: str, sec: float) -> str:  # the median, and the range over --repeats rounds
             runs = block.get("seconds", {}).get(key, [])
             return f"{sec:.2f}" + (f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else "")
 
-        keys = {"authors' code as distributed": "as_distributed", "authors' loop, frozen weights": "frozen",
-                "**authors' own NullInversion**": "authors_own"}  # fmt: skip
-        for name, sec, _, eq_text in rows:
-            lines.append(f"| {es} | {name} | 1 | {timed(keys[name], sec)} | {1 / sec:.3f} | — | {ratios(sec)} | 100% "
+        for name, key, sec, eq_text in rows:
+            lines.append(f"| {es} | {name} | 1 | {timed(key, sec)} | {1 / sec:.3f} | — | {ratios(sec)} | 100% "
                          f"| {eq_text} |")  # fmt: skip
         for row in block["engine"]:
             eq, sec, calls = row["equality"], row["s_per_image"], row["calls"]

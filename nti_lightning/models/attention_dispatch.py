@@ -35,15 +35,17 @@ def _attention_modules(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, Attention)]
 
 
+def _install(module: torch.nn.Module) -> None:
+    module.forward = types.MethodType(_direct_forward, module)
+    module.__dict__[_MARK] = True
+
+
 def direct_attention_dispatch(unet: torch.nn.Module) -> int:
     """Installs the direct forward on every ``Attention`` module of ``unet`` (idempotent) → modules changed."""
-    changed = 0
-    for m in _attention_modules(unet):
-        if _MARK not in m.__dict__:
-            m.forward = types.MethodType(_direct_forward, m)
-            m.__dict__[_MARK] = True
-            changed += 1
-    return changed
+    missing = [m for m in _attention_modules(unet) if _MARK not in m.__dict__]
+    for m in missing:
+        _install(m)
+    return len(missing)
 
 
 def remove_direct_dispatch(unet: torch.nn.Module) -> list[torch.nn.Module]:
@@ -64,5 +66,4 @@ def stock_attention_dispatch(unet: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for m in removed:
-            m.forward = types.MethodType(_direct_forward, m)
-            m.__dict__[_MARK] = True
+            _install(m)

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+"""The package's embedded folders (models, sample photos, the PIE sample)."""
+
 SHARED_WEIGHTS: dict[str, dict[str, str]] = {
     "tiny_sd2": {"vae": "tiny"},
     "tiny_sdxl": {"vae": "tiny", "text_encoder": "tiny"},
@@ -38,9 +41,6 @@ def refold_scaling_factor(vae, scaling_factor: float, force_upcast: bool) -> Non
     vae.quant_conv.bias[lc:] += 2 * math.log(s)
     vae.post_quant_conv.weight /= s
     vae.register_to_config(scaling_factor=scaling_factor, force_upcast=force_upcast)
-
-
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
 def shares_weights(folder: Path) -> bool:

@@ -29,10 +29,9 @@ from nti_lightning.models.detect import (
     check_scheduler_config,
     inspect_folder,
 )
-from nti_lightning.models.embedded import shared_components
+from nti_lightning.models.embedded import ASSETS_DIR, shared_components
 from nti_lightning.models.family import Family, family_from_configs, is_sd2_layout
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS_DIR / "tiny"
 EMBEDDED = {"tiny": TINY_DIR, "tiny-sd2-v": ASSETS_DIR / "tiny_sd2", "tiny-sdxl": ASSETS_DIR / "tiny_sdxl"}
 """Names of the embedded models → their diffusers folders inside the package."""
