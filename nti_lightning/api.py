@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from nti_lightning.config import InversionConfig, apply_overrides, resolve_batch_size
-from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.image import prepare_image, tensor_to_image
-from nti_lightning.inversion import Inversion, check_compatible
+from nti_lightning.data.image import prepare_image, tensor_to_image
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.sampling import ddim_sample, decode_latents
+from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine
+from nti_lightning.engine.step_guidance import record_guidance
 from nti_lightning.models.family import cat_cond
-from nti_lightning.runtime import Runtime
-from nti_lightning.sampling import ddim_sample, decode_latents
-from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
-from nti_lightning.step_guidance import record_guidance
+from nti_lightning.store.inversion import Inversion, check_compatible
 from nti_lightning.text import check_prompt
 
 

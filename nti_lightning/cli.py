@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
     except ValueError as e:
         print(f"nti eval: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    from nti_lightning.eval.run import EvalFolderMismatch, run_eval
+    from nti_lightning.jobs.eval import EvalFolderMismatch, run_eval
 
     try:
         result = run_eval(cfg, overwrite=args.overwrite)
@@ -165,7 +165,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from nti_lightning.status import print_status
+    from nti_lightning.run.status import print_status
 
     return print_status(args.output)
 

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nti_lightning.bench import build_bench_model
+from nti_bench import build_bench_model
 
 VARIANTS = ("eager", "channels_last", "bf16", "compile", "compile-graphs")
 
@@ -72,7 +72,7 @@ def build_step_model(name: str, device: torch.device):
         raise SystemExit("--model sdxl needs a CUDA GPU (2.57 B parameters: 10 GB in fp32); use --model tiny-sdxl")
     from diffusers import UNet2DConditionModel
 
-    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+    from nti_bench.sdxl import SDXL_UNET_CONFIG
 
     torch.manual_seed(0)
     with torch.device(device):

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.bench import build_bench_model, prompts_for, synthetic_images
-from nti_lightning.bench.baseline import baseline_invert
+from nti_bench import build_bench_model, prompts_for, synthetic_images
 from nti_lightning.config import InversionConfig
-from nti_lightning.image import prepare_image
-from nti_lightning.runtime import Runtime
-from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
+from nti_lightning.data.image import prepare_image
+from nti_lightning.engine.reference import baseline_invert
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def machine() -> dict:
 def images_for(args, model, n: int) -> tuple[list[torch.Tensor], list[str]]:
     size = args.image_size or model.native_image_size
     if args.photos:
-        from nti_lightning.dataset import SAMPLES_DIR
+        from nti_lightning.data.items import SAMPLES_DIR
 
         files = sorted(SAMPLES_DIR.glob("*.png"))
         pixels = [prepare_image(str(files[k % len(files)]), size) for k in range(n)]
@@ -104,10 +104,10 @@ def run_baseline(model, pixels, prompts, cfg, **kw) -> tuple[float, list]:
 def run_authors(model, pixels, prompts, cfg, repo: Path) -> tuple[float, list]:
     """The authors' own ``NullInversion.invert`` per image (timed), then its nulls replayed by our guided DDIM
     sampler for z̄_0 (not timed), so the equality check compares it like the re-implementation."""
-    from nti_lightning.bench.authors_code import AuthorsNullInversion
-    from nti_lightning.bench.baseline import BaselineResult
-    from nti_lightning.ddim import schedule_from_scheduler
-    from nti_lightning.sampling import ddim_sample, encode_latents
+    from nti_bench.authors_code import AuthorsNullInversion
+    from nti_lightning.engine.ddim import schedule_from_scheduler
+    from nti_lightning.engine.reference import BaselineResult
+    from nti_lightning.engine.sampling import ddim_sample, encode_latents
     from nti_lightning.text import encode_text
 
     runner = AuthorsNullInversion(repo, model, cfg.num_ddim_steps, cfg.guidance_scale, cfg.num_inner_steps,

@@ -1,6 +1,6 @@
 """Counts the cost of Null-text Inversion on an SDXL-shaped UNet at 1024 px and writes it to docs/performance.md.
 
-The UNet (``nti_lightning.bench.sdxl.SDXL_UNET_CONFIG``, SDXL base 1.0's 2.57 B parameters) is built on the
+The UNet (``nti_bench.sdxl.SDXL_UNET_CONFIG``, SDXL base 1.0's 2.57 B parameters) is built on the
 ``meta`` device: no weights are allocated, the count takes ~1 min of CPU. ``FlopCounterMode`` counts one
 forward and one forward + backward to the unconditional branch's inputs (prompt_embeds (B, 77, 2048) and the
 pooled text_embeds (B, 1280), the two NTI optimises; weights frozen, so no weight gradients) at 128 × 128
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.bench.flops import count_unet_flops, floor_flops, meta_unet, saved_activation_bytes
-from nti_lightning.bench.sdxl import SDXL_IMAGE_SIZE, SDXL_UNET_CONFIG
+from nti_bench.flops import count_unet_flops, floor_flops, meta_unet, saved_activation_bytes
+from nti_bench.sdxl import SDXL_IMAGE_SIZE, SDXL_UNET_CONFIG
 
 START, END = "<!-- flops_sdxl:start -->", "<!-- flops_sdxl:end -->"
 

@@ -73,15 +73,15 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.algorithm import Kind, Request
-from nti_lightning.bench import build_bench_model, prompts_for, synthetic_images
+from nti_bench import build_bench_model, prompts_for, synthetic_images
 from nti_lightning.config import InversionConfig
-from nti_lightning.dataset import SAMPLES_DIR
-from nti_lightning.image import prepare_image
+from nti_lightning.data.image import prepare_image
+from nti_lightning.data.items import SAMPLES_DIR
+from nti_lightning.engine.algorithm import Kind, Request
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.sampling import decode_latents
+from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine
 from nti_lightning.metrics import image_metrics
-from nti_lightning.runtime import Runtime
-from nti_lightning.sampling import decode_latents
-from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
 
 # the model builders by family: name → (bench model name, image size at the native resolution)
 FAMILIES: dict[str, tuple[str, int]] = {"sd15": ("sd15", 512), "sdxl": ("sdxl", 1024)}
@@ -433,7 +433,7 @@ def full_run(model, st: Setting, config: dict, early_stop: bool) -> dict:
 def flop_counts(model, st: Setting) -> dict:
     """FLOPs of one UNet forward and forward + backward per image (counted on ``meta``) and the worst-case
     floor per image (``bench.flops``), with its time at ``PEAK_TFLOPS``."""
-    from nti_lightning.bench.flops import count_unet_flops, floor_flops
+    from nti_bench.flops import count_unet_flops, floor_flops
 
     unet = count_unet_flops(model.unet.config, latent_size=st.image_size // model.vae_scale_factor)
     worst = floor_flops(unet, st.T, st.N)

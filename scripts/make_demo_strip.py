@@ -20,11 +20,11 @@ from PIL import Image
 
 from nti_lightning import edit, invert, load_model
 from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
-from nti_lightning.dataset import SAMPLES_DIR
-from nti_lightning.image import prepare_image, tensor_to_image
+from nti_lightning.data.image import prepare_image, tensor_to_image
+from nti_lightning.data.items import SAMPLES_DIR
+from nti_lightning.engine.sampling import decode_latents
 from nti_lightning.metrics import image_metrics
 from nti_lightning.p2p.figures import labelled_strip
-from nti_lightning.sampling import decode_latents
 
 EDITS = {  # shipped sample → a word-swap target prompt (same number of words: P2P "replace")
     "cat.png": "a photo of a dog",

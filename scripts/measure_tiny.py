@@ -65,7 +65,7 @@ def measure_vae(vae, size: int = 128) -> list[dict]:
 def measure_nti(model, steps: int) -> list[dict]:
     from nti_lightning import invert
     from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
-    from nti_lightning.sampling import decode_latents
+    from nti_lightning.engine.sampling import decode_latents
 
     photos = [
         (name, td.centre_crop(td.load_rgb(folder, name), 128), prompt) for folder, name, _, prompt in td.EVAL_PHOTOS

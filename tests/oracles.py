@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.sampling import ddim_sample, unet_denoiser
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.sampling import ddim_sample, unet_denoiser
 
 
 def sampler_and_pipeline(model, T: int, prompt: str, latent: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from nti_lightning.bench.authors_code import AuthorsNullInversion, null_inversion_source
+from nti_bench.authors_code import AuthorsNullInversion, null_inversion_source
 from nti_lightning.models.attention_dispatch import _direct_forward
 
 CELL = """

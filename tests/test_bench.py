@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nti_lightning.bench import build_bench_model, prompts_for, synthetic_images, tiny_random_components
-from nti_lightning.bench.baseline import baseline_invert
-from nti_lightning.bench.flops import count_unet_flops, floor_flops, inversion_calls
+from nti_bench import build_bench_model, prompts_for, synthetic_images, tiny_random_components
+from nti_bench.flops import count_unet_flops, floor_flops, inversion_calls
 from nti_lightning.config import InversionConfig
+from nti_lightning.engine.reference import baseline_invert
+from nti_lightning.engine.slots import Admission, Finished, SlotEngine
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import UNET_CONFIG
-from nti_lightning.slots import Admission, Finished, SlotEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64  # 8×8 latents: the tiny UNet's smallest size, fast on CPU
@@ -124,7 +124,7 @@ def test_benchmark_script_end_to_end(tmp_path):
 
 def test_sd15_builds_on_meta_with_sd15_flops():
     """The SD1.5 architecture from configs: FLOPs near the issue's 0.80 / 1.67 TFLOP at 512 px."""
-    from nti_lightning.bench.sd15 import SD15_UNET_CONFIG, build_sd15_unet
+    from nti_bench.sd15 import SD15_UNET_CONFIG, build_sd15_unet
 
     unet = build_sd15_unet("meta")
     assert 0.85e9 < sum(p.numel() for p in unet.parameters()) < 0.87e9
@@ -135,7 +135,7 @@ def test_sd15_builds_on_meta_with_sd15_flops():
 
 def test_sdxl_builds_on_meta_as_sdxl_base():
     """SDXL base's shapes from configs: parameter counts of each network and the family read off them."""
-    from nti_lightning.bench.sdxl import build_sdxl_components
+    from nti_bench.sdxl import build_sdxl_components
     from nti_lightning.models.family import family_from_configs
 
     parts = build_sdxl_components("meta")

@@ -93,7 +93,7 @@ def test_api_overrides():
 def test_auto_precision_resolves_per_device(monkeypatch):
     import torch
 
-    from nti_lightning.runtime import resolve_precision
+    from nti_lightning.engine.runtime import resolve_precision
 
     assert RunConfig().trainer.precision == "auto"
     assert resolve_precision("16-mixed", "cuda") == "16-mixed"  # an explicit choice is kept

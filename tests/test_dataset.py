@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from nti_lightning.cli import main
-from nti_lightning.dataset import CaptionIndex, Item, iter_items, read_captions
+from nti_lightning.data.items import CaptionIndex, Item, iter_items, read_captions
 from nti_lightning.run import ManifestIndex, read_manifest
-from nti_lightning.status import status
+from nti_lightning.run.status import status
 
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",

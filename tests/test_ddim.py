@@ -3,14 +3,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from nti_lightning.ddim import (
+from nti_lightning.engine.ddim import (
     classifier_free_guidance,
     ddim_inverse_step,
     ddim_step,
     ddim_transition,
     schedule_from_scheduler,
 )
-from nti_lightning.nulltext import early_stop_threshold, latent_mse, null_text_lr
+from nti_lightning.engine.nulltext import early_stop_threshold, latent_mse, null_text_lr
 
 SD1_SCHEDULER = dict(
     beta_start=0.00085,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nti_lightning.image import prepare_image, tensor_to_image
+from nti_lightning.data.image import prepare_image, tensor_to_image
 from nti_lightning.p2p.figures import STRIP_GAP
 
 ROOT = Path(__file__).resolve().parent.parent

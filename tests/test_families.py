@@ -12,12 +12,12 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from oracles import sampler_and_pipeline
 
-from nti_lightning.ddim import ddim_inverse_step, ddim_step, schedule_from_scheduler
-from nti_lightning.inversion import IncompatibleInversionError, check_compatible
+from nti_lightning.engine.ddim import ddim_inverse_step, ddim_step, schedule_from_scheduler
+from nti_lightning.engine.sampling import ddim_inversion, unet_denoiser
 from nti_lightning.models import load_model, model_from_components
 from nti_lightning.models.detect import ModelFolderError, UnsupportedSchedulerError
 from nti_lightning.models.tiny import SCHEDULER_CONFIG, build_random_family_components
-from nti_lightning.sampling import ddim_inversion, unet_denoiser
+from nti_lightning.store.inversion import IncompatibleInversionError, check_compatible
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
 

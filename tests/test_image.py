@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nti_lightning.image import ImageError, center_crop_resize, image_to_tensor, load_image, prepare_image
+from nti_lightning.data.image import ImageError, center_crop_resize, image_to_tensor, load_image, prepare_image
 
 
 def _save(img, path):

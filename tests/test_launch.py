@@ -23,8 +23,8 @@ from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import main
 from nti_lightning.run import EXIT_PREEMPTED, RankFailedError, RunSummary, StopFlag, read_manifest
-from nti_lightning.run.files import item_relpath
 from nti_lightning.run.launch import settle_ranks, take_over_launched_ranks
+from nti_lightning.store.files import item_relpath
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ["img0", "img1", "img2", "img3"]

@@ -8,9 +8,9 @@ import torch
 from nti_lightning import invert, load_inversion, save_inversion
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.config import ConfigError, InversionConfig, load_config
-from nti_lightning.image import prepare_image
+from nti_lightning.data.image import prepare_image
+from nti_lightning.engine.slots import Admission, Finished, SlotEngine
 from nti_lightning.p2p import edit
-from nti_lightning.slots import Admission, Finished, SlotEngine
 
 PROMPT, TARGET = "a red ball on green grass", "a red apple on green grass"
 FAST = dict(num_ddim_steps=5)

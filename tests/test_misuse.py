@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from nti_lightning.cli import EXIT_ALL_FAILED, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_SOME_FAILED, main
-from nti_lightning.run.files import HOST
 from nti_lightning.run.lock import OutputLock, OutputLockedError
 from nti_lightning.run.worker import Worker
+from nti_lightning.store.files import HOST
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ["img0", "img1", "img2"]
@@ -115,7 +115,7 @@ def test_outputs_are_readable_and_config_paths_absolute(noise_dataset, model_dir
 
 
 def test_cli_starts_without_torch_and_has_a_version():
-    code = "import sys, nti_lightning.cli as c; c.build_parser(); import nti_lightning.status; "
+    code = "import sys, nti_lightning.cli as c; c.build_parser(); import nti_lightning.run.status; "
     code += "print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert res.stdout.strip() == "False", res.stderr
@@ -183,7 +183,7 @@ def test_captions_that_match_no_image_warn_once_with_an_example(noise_dataset, m
 
 
 def test_caption_coverage_messages():
-    from nti_lightning.dataset import CaptionIndex, caption_coverage
+    from nti_lightning.data.items import CaptionIndex, caption_coverage
 
     empty, two = CaptionIndex(), CaptionIndex()
     two.add([("a.png", "x"), ("b.png", "y")])

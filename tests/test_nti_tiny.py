@@ -6,7 +6,7 @@ import torch
 
 from nti_lightning import invert
 from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
-from nti_lightning.dataset import SAMPLES_DIR
+from nti_lightning.data.items import SAMPLES_DIR
 
 T = 20  # fewer steps than the paper's 50 to keep the suite fast (at T = 10 the DDIM steps get coarse)
 

@@ -15,13 +15,13 @@ from oracles import sampler_and_pipeline
 
 from nti_lightning import invert
 from nti_lightning.api import reconstruction_latents
-from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.inversion import load_inversion, save_inversion
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.sampling import ddim_sample, decode_latents, encode_latents, unet_denoiser
 from nti_lightning.models import load_model, model_from_components
 from nti_lightning.models.detect import ModelFolderError
 from nti_lightning.models.family import SDXLFamily
 from nti_lightning.models.tiny import build_random_family_components
-from nti_lightning.sampling import ddim_sample, decode_latents, encode_latents, unet_denoiser
+from nti_lightning.store.inversion import load_inversion, save_inversion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
 
@@ -71,7 +71,7 @@ def test_sdxl_folder_is_detected(tmp_path, sdxl, sdxl_dir):
 
 def test_sdxl_base_configs_give_sdxl_numbers():
     """SDXL base 1.0's own configs: 1024 px, scaling 0.13025, text width 2048, pooled 1280, zero null."""
-    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+    from nti_bench.sdxl import SDXL_UNET_CONFIG
     from nti_lightning.models.family import family_from_configs
     from nti_lightning.models.tiny import SDXL_SCHEDULER_CONFIG
 
@@ -229,8 +229,8 @@ def test_encode_runs_in_fp32_when_forced():
 
 def test_flops_are_counted_for_text_time_unets():
     """The counter feeds SDXL's added inputs; the backward reaches text_embeds; SDXL base's shape is exact."""
-    from nti_lightning.bench.flops import count_unet_flops, meta_unet
-    from nti_lightning.bench.sdxl import SDXL_UNET_CONFIG
+    from nti_bench.flops import count_unet_flops, meta_unet
+    from nti_bench.sdxl import SDXL_UNET_CONFIG
     from nti_lightning.models.tiny import SDXL_UNET_CONFIG as TINY_SDXL
 
     small, large = count_unet_flops(TINY_SDXL, latent_size=8), count_unet_flops(TINY_SDXL, latent_size=16)

@@ -17,7 +17,8 @@ from nti_lightning.cli import main
 from nti_lightning.eval.report import read_records
 from nti_lightning.models import model_from_components
 from nti_lightning.models.detect import ModelFolderError
-from nti_lightning.models.loading import EMBEDDED, check_checkpoint_matches, check_sdxl_checkpoint_matches
+from nti_lightning.models.loading import EMBEDDED
+from nti_lightning.models.single_file import check_checkpoint_matches, check_sdxl_checkpoint_matches
 from nti_lightning.models.tiny import build_random_family_components
 from nti_lightning.p2p.cli import model_args_for
 

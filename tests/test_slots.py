@@ -5,14 +5,14 @@ import torch
 
 from nti_lightning import invert, load_inversion, save_inversion
 from nti_lightning.api import reconstruction_latents
-from nti_lightning.bench.baseline import baseline_invert
 from nti_lightning.config import InversionConfig
-from nti_lightning.image import prepare_image
-from nti_lightning.inversion import IncompatibleInversionError
+from nti_lightning.data.image import prepare_image
+from nti_lightning.engine.nulltext import RowAdam
+from nti_lightning.engine.reference import baseline_invert
+from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine, Tick
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import build_random_components
-from nti_lightning.nulltext import RowAdam
-from nti_lightning.slots import Admission, Failed, Finished, SlotEngine, Tick
+from nti_lightning.store.inversion import IncompatibleInversionError
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "coffee"]
 FAST = dict(num_ddim_steps=4, image_size=64)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from nti_lightning.edit_args import add_edit_subparser, config_from_args, parse_assignments
 from nti_lightning.edit_config import EditConfig
-from nti_lightning.inversion import Inversion, load_inversion
 from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
 from nti_lightning.p2p.edit import EditSpec, build_controller, edit_batch
 from nti_lightning.p2p.edit_file import Line, ManifestLookup, read_edit_lines, resolve_line
 from nti_lightning.p2p.figures import input_image
 from nti_lightning.p2p.outputs import save_edit, settings_record, slug
+from nti_lightning.store.inversion import Inversion, load_inversion
 from nti_lightning.text import PromptError, check_prompt
 
 EXIT_USAGE_ERROR = 2

@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 
 from nti_lightning.config import InversionConfig
-from nti_lightning.ddim import schedule_from_scheduler
+from nti_lightning.data.image import tensor_to_image
 from nti_lightning.edit_config import EDIT_DEFAULTS, EDIT_MODES, CrossReplace, StepWindow
-from nti_lightning.image import tensor_to_image
-from nti_lightning.inversion import Inversion, check_compatible
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.sampling import ddim_sample, decode_latents
+from nti_lightning.engine.step_guidance import record_guidance
 from nti_lightning.p2p import alignment
 from nti_lightning.p2p.attention import attention_control
 from nti_lightning.p2p.controllers import AttentionControl, AttentionControlEdit, AttentionStore
@@ -31,9 +33,7 @@ from nti_lightning.p2p.figures import attention_figure
 from nti_lightning.p2p.local_blend import LocalBlend
 from nti_lightning.p2p.maps import coarse_queries, map_shape, pick_attention_queries, store_queries
 from nti_lightning.p2p.rules import blend_word_weights, identity_edit, step_range, target_edit
-from nti_lightning.runtime import Runtime
-from nti_lightning.sampling import ddim_sample, decode_latents
-from nti_lightning.step_guidance import record_guidance
+from nti_lightning.store.inversion import Inversion, check_compatible
 from nti_lightning.text import check_prompt
 
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from nti_lightning.image import ImageError, prepare_image, tensor_to_image
-from nti_lightning.inversion import Inversion
-from nti_lightning.sampling import decode_latents
+from nti_lightning.data.image import ImageError, prepare_image, tensor_to_image
+from nti_lightning.engine.sampling import decode_latents
+from nti_lightning.store.inversion import Inversion
 
 if TYPE_CHECKING:
     from nti_lightning.p2p.edit import EditResult

@@ -20,10 +20,10 @@ from pathlib import Path
 from PIL import Image
 
 from nti_lightning.edit_config import EditConfig
-from nti_lightning.inversion import Inversion
 from nti_lightning.p2p.edit import EditResult, EditSpec
 from nti_lightning.p2p.figures import edit_strip
-from nti_lightning.run.files import atomic_save_image, atomic_write_bytes
+from nti_lightning.store.files import atomic_save_image, atomic_write_bytes
+from nti_lightning.store.inversion import Inversion
 
 
 def slug(text: str, limit: int = 48) -> str:

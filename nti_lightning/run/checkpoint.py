@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.run.files import tmp_path
+from nti_lightning.store.files import tmp_path
 
 CHECKPOINT_FORMAT = 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nti_lightning.api import image_size_for
 from nti_lightning.config import RunConfig
-from nti_lightning.run.files import atomic_write_bytes
+from nti_lightning.store.files import atomic_write_bytes
 
 # settings that change how fast a run goes, not what it computes (batch_invariant: bits, not results)
 NOT_IDENTITY = ("batch_size", "slots", "batch_invariant")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from nti_lightning.dataset import Item
-from nti_lightning.image import ImageError, prepare_image
-from nti_lightning.run.manifest import ManifestIndex
+from nti_lightning.data.image import ImageError, prepare_image
+from nti_lightning.data.items import Item
+from nti_lightning.store.manifest import ManifestIndex
 
 
 def is_mine(k: int, shard: int, num_shards: int, rank: int, world: int) -> bool:

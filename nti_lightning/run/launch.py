@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from nti_lightning.config import RunConfig
+from nti_lightning.engine.runtime import resolve_precision
 from nti_lightning.exit_codes import EXIT_ALL_FAILED, EXIT_PREEMPTED, EXIT_SOME_FAILED
 from nti_lightning.run.outputs import RunSummary
 from nti_lightning.run.signals import StopFlag
 from nti_lightning.run.worker import log_line, run_worker, summary_path, worker_name
-from nti_lightning.runtime import resolve_precision
 
 
 def fabric_precision_kwargs(precision: str, on_cpu: bool) -> dict:

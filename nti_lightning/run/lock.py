@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from nti_lightning.run.files import HOST, pid_alive
+from nti_lightning.store.files import HOST, pid_alive
 
 STALE_S = 600.0
 """A lock from another host whose heartbeat is older than this is stale (its holder was killed)."""

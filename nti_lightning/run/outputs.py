@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from nti_lightning.api import ddim_baseline_latents, reconstruction_latents
-from nti_lightning.dataset import Item
-from nti_lightning.image import tensor_to_image
-from nti_lightning.inversion import Inversion, save_inversion
+from nti_lightning.data.image import tensor_to_image
+from nti_lightning.data.items import Item
+from nti_lightning.engine.sampling import decode_latents
 from nti_lightning.metrics import image_metrics, latent_mse_value, make_strip
-from nti_lightning.run.files import atomic_save_image, atomic_write_bytes, item_relpath
-from nti_lightning.sampling import decode_latents
+from nti_lightning.store.files import atomic_save_image, atomic_write_bytes, item_relpath
+from nti_lightning.store.inversion import Inversion, save_inversion
 
 SUMMARY_ROWS = 1000
 

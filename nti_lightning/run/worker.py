@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 
 from nti_lightning.api import image_size_for
-from nti_lightning.batch_probe import probe_batch_size
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
-from nti_lightning.dataset import SAMPLES_DIR, Item, caption_coverage, iter_items, read_captions
+from nti_lightning.data.items import SAMPLES_DIR, Item, caption_coverage, iter_items, read_captions
+from nti_lightning.engine.batch_probe import probe_batch_size
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.slots import Admission, Failed, SlotEngine, Tick
 from nti_lightning.exit_codes import EXIT_PREEMPTED
 from nti_lightning.run import checkpoint as ckpt
-from nti_lightning.run.files import atomic_write_bytes, item_dir, remove_stale_tmp
 from nti_lightning.run.identity import check_output_identity, run_identity
 from nti_lightning.run.items import decode, is_mine, lost_inversions, prefetched
 from nti_lightning.run.lock import OutputLock
-from nti_lightning.run.manifest import ManifestIndex, append_manifest, manifest_name
 from nti_lightning.run.outputs import (
     Done,
     RunSummary,
@@ -48,8 +48,8 @@ from nti_lightning.run.outputs import (
     write_group,
 )
 from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job
-from nti_lightning.runtime import Runtime
-from nti_lightning.slots import Admission, Failed, SlotEngine, Tick
+from nti_lightning.store.files import atomic_write_bytes, item_dir, remove_stale_tmp
+from nti_lightning.store.manifest import ManifestIndex, append_manifest, manifest_name
 from nti_lightning.text import PromptError, check_prompt
 
 

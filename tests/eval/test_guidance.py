@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nti_lightning.eval.guidance import (
+from nti_lightning.engine.guidance import (
     ProxParams,
     apply_direct_inversion,
     direct_inversion_offset,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from nti_lightning.ddim import schedule_from_scheduler
-from nti_lightning.inversion import Inversion
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.sampling import ddim_sample, unet_denoiser
 from nti_lightning.p2p import attention_control
-from nti_lightning.sampling import ddim_sample, unet_denoiser
+from nti_lightning.store.inversion import Inversion
 from nti_lightning.text import encode_null, encode_text
 
 T = 4  # DDIM steps

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from nti_lightning.edit_config import EDIT_DEFAULTS
-from nti_lightning.inversion import save_inversion
 from nti_lightning.p2p import cli
+from nti_lightning.store.inversion import save_inversion
 
 from .helpers import DOG, SOURCE, make_inversion
 from .test_edit_args import parse

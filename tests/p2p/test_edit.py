@@ -10,9 +10,9 @@ import torch
 
 from nti_lightning.config import InversionConfig
 from nti_lightning.edit_config import EDIT_DEFAULTS
-from nti_lightning.inversion import IncompatibleInversionError
 from nti_lightning.p2p import AlignmentError, EditSpec, WordNotInPromptError, edit, edit_batch
 from nti_lightning.p2p.edit import default_guidance_scale
+from nti_lightning.store.inversion import IncompatibleInversionError
 
 from .helpers import SOURCE, make_inversion
 

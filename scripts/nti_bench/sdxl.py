@@ -66,7 +66,7 @@ def build_sdxl_components(device: str | torch.device = "cpu", dtype: torch.dtype
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from nti_lightning.bench.sd15 import SD15_TEXT_ENCODER_CONFIG, SD15_VAE_CONFIG, _cast, bench_tokenizer
+    from nti_bench.sd15 import SD15_TEXT_ENCODER_CONFIG, SD15_VAE_CONFIG, _cast, bench_tokenizer
     from nti_lightning.models.tiny import build_scheduler
 
     tokenizer = bench_tokenizer()

@@ -30,8 +30,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
-from nti_lightning.algorithm import Kind, Request, Slot, StepOutcome, ddim_pivot, null_text_inversion
 from nti_lightning.config import InversionConfig
+from nti_lightning.engine.algorithm import Kind, Request, Slot, StepOutcome, ddim_pivot, null_text_inversion
 from nti_lightning.methods import METHODS
 
 

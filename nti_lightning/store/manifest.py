@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from nti_lightning.dataset import temp_db
+from nti_lightning.data.items import temp_db
 
 
 def manifest_name(rank: int, world_size: int, shard: int = 0, num_shards: int = 1) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nti_lightning.run.manifest import ManifestIndex
+from nti_lightning.store.manifest import ManifestIndex
 
 
 def status(out_dir: str | Path) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nti_lightning.sampling import Denoiser, one_at_a_time, unet_denoiser
+from nti_lightning.engine.sampling import Denoiser, one_at_a_time, unet_denoiser
 
 
 @dataclass

@@ -31,15 +31,15 @@ import torch
 from torch import Tensor
 
 from nti_lightning import __version__
-from nti_lightning.algorithm import Kind, Progress, Request, StepOutcome
 from nti_lightning.config import InversionConfig
-from nti_lightning.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
-from nti_lightning.inversion import Inversion, scheduler_identity
-from nti_lightning.inverters import get_inverter
-from nti_lightning.nulltext import DynamicLossScale
-from nti_lightning.runtime import Runtime
-from nti_lightning.sampling import encode_latents
-from nti_lightning.slot_bank import SlotBank
+from nti_lightning.engine.algorithm import Kind, Progress, Request, StepOutcome
+from nti_lightning.engine.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
+from nti_lightning.engine.inverters import get_inverter
+from nti_lightning.engine.nulltext import DynamicLossScale
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.sampling import encode_latents
+from nti_lightning.engine.slot_bank import SlotBank
+from nti_lightning.store.inversion import Inversion, scheduler_identity
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs and events

@@ -34,7 +34,7 @@ from enum import Enum
 from typing import Protocol
 
 from nti_lightning.config import InversionConfig
-from nti_lightning.nulltext import early_stop_threshold, null_text_lr
+from nti_lightning.engine.nulltext import early_stop_threshold, null_text_lr
 
 
 class Kind(str, Enum):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 """What a folder scan takes for an image."""
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "samples"
 LIST_SUFFIXES = {".jsonl", ".csv", ".txt"}
 """An input file with one of these suffixes is a list of images, not an image."""
 CACHE_KIB = 16 * 1024

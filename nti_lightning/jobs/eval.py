@@ -36,21 +36,21 @@ from PIL import Image
 
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.config import InversionConfig
-from nti_lightning.ddim import schedule_from_scheduler
+from nti_lightning.data.image import prepare_image, tensor_to_image
+from nti_lightning.engine.ddim import schedule_from_scheduler
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.sampling import ddim_sample, decode_latents
+from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine
+from nti_lightning.engine.step_guidance import record_guidance
 from nti_lightning.eval import report
 from nti_lightning.eval.config import EvalConfig
 from nti_lightning.eval.metrics import Backbones, Nets, load_nets, lpips, pie_metrics, psnr, ssim
 from nti_lightning.eval.pie import PieEntry, load_pie, mask_at, pie_border
-from nti_lightning.image import prepare_image, tensor_to_image
 from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
 from nti_lightning.p2p.edit import EditSpec, edit_batch
-from nti_lightning.run.files import atomic_save_image, atomic_write_bytes
 from nti_lightning.run.identity import identity_diff
 from nti_lightning.run.items import is_mine
-from nti_lightning.runtime import Runtime
-from nti_lightning.sampling import ddim_sample, decode_latents
-from nti_lightning.slots import Admission, Failed, Finished, SlotEngine
-from nti_lightning.step_guidance import record_guidance
+from nti_lightning.store.files import atomic_save_image, atomic_write_bytes
 
 Log = Callable[[str], None]
 

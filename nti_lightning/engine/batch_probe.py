@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from nti_lightning.algorithm import Kind, Progress, Request
 from nti_lightning.config import InversionConfig
-from nti_lightning.runtime import Runtime
-from nti_lightning.slots import SlotEngine, _SlotState
+from nti_lightning.engine.algorithm import Kind, Progress, Request
+from nti_lightning.engine.runtime import Runtime
+from nti_lightning.engine.slots import SlotEngine, _SlotState
 
 
 def probe_batch_size(model, cfg: InversionConfig, runtime: Runtime, image_size: int, cap: int = 64) -> int:

@@ -41,11 +41,11 @@ def build_bench_model(name: str, device: str | torch.device = "cpu", seed: int =
     from nti_lightning.models.tiny import TINY_DIR
 
     if name == "sd15":
-        from nti_lightning.bench.sd15 import build_sd15_model
+        from nti_bench.sd15 import build_sd15_model
 
         return build_sd15_model(device=device, seed=seed)
     if name == "sdxl":
-        from nti_lightning.bench.sdxl import build_sdxl_model
+        from nti_bench.sdxl import build_sdxl_model
 
         return build_sdxl_model(device=device, seed=seed)
     if name != "tiny":
@@ -69,7 +69,7 @@ def tiny_random_components(seed: int = 0) -> dict:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from nti_lightning.bench.sd15 import fallback_tokenizer
+        from nti_bench.sd15 import fallback_tokenizer
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from nti_lightning.ddim import classifier_free_guidance, ddim_transition, row_alphas
+from nti_lightning.engine.ddim import classifier_free_guidance, ddim_transition, row_alphas
+from nti_lightning.engine.nulltext import RowAdam, latent_mse
 from nti_lightning.models.family import Cond
-from nti_lightning.nulltext import RowAdam, latent_mse
 
 
 class SlotBank(L.LightningModule):

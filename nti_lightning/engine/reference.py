@@ -14,7 +14,7 @@ This follows the structure of ``NullInversion`` in the authors' ``null_text_w_pt
   softmax(QKᵀ/√d) — here ``p2p.P2PAttnProcessor`` with an identity controller, the same operations);
   ``weights_grad=False, classic_attention=False`` is their loop with frozen weights and fused attention.
 
-The arithmetic is the package's own pure functions (``nti_lightning.ddim``), so the engine can be checked
+The arithmetic is the package's own pure functions (``nti_lightning.engine.ddim``), so the engine can be checked
 against it bit for bit where it does the same operations. It exists to be measured, not used.
 """
 
@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from nti_lightning.config import InversionConfig
-from nti_lightning.ddim import classifier_free_guidance, ddim_inverse_step, ddim_step, schedule_from_scheduler
+from nti_lightning.engine.ddim import classifier_free_guidance, ddim_inverse_step, ddim_step, schedule_from_scheduler
+from nti_lightning.engine.nulltext import early_stop_threshold, latent_mse, null_text_lr
+from nti_lightning.engine.sampling import encode_latents
 from nti_lightning.models.attention_dispatch import stock_attention_dispatch
-from nti_lightning.nulltext import early_stop_threshold, latent_mse, null_text_lr
-from nti_lightning.sampling import encode_latents
 from nti_lightning.text import encode_null, encode_text
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from nti_lightning.ddim import DDIMSchedule, classifier_free_guidance, ddim_inverse_step, ddim_step
+from nti_lightning.engine.ddim import DDIMSchedule, classifier_free_guidance, ddim_inverse_step, ddim_step
 from nti_lightning.models.family import Cond, Family, cat_cond
 
 Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]

@@ -24,8 +24,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from nti_lightning.ddim import classifier_free_guidance
-from nti_lightning.eval.guidance import ProxParams, inversion_guidance, proximal_guidance
+from nti_lightning.engine.ddim import classifier_free_guidance
+from nti_lightning.engine.guidance import ProxParams, inversion_guidance, proximal_guidance
 
 
 class StepGuidance(Protocol):

@@ -1,0 +1,1 @@
+"""Inputs of a run: images, their ids and captions, decoded to pixels."""

@@ -1,0 +1,1 @@
+"""The commands' jobs (``nti invert``, ``nti eval``, ``nti edit --edits``) on top of the run layer (``run/``)."""

@@ -1,0 +1,1 @@
+"""What runs write and read: the inversion record, atomic files, the manifest."""
