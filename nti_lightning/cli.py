@@ -22,11 +22,13 @@ import argparse
 import os
 import sys
 
+from nti_lightning.data.ids import printable
 from nti_lightning.exit_codes import (
     EXIT_ALL_FAILED,
     EXIT_CONFIG_ERROR,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_IO_ERROR,
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_SOME_FAILED,
@@ -71,14 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_invert(args) -> int:
     from nti_lightning.config import ConfigError, load_config
-    from nti_lightning.run import (
-        OutputLockedError,
-        OutputMismatchError,
-        RankFailedError,
-        format_header,
-        format_row,
-        run_inversion,
-    )
+    from nti_lightning.jobs.invert import run_inversion
+    from nti_lightning.jobs.invert_outputs import format_header, format_row
+    from nti_lightning.run.claim import ClaimLostError, OutputLockedError
+    from nti_lightning.run.folder import OutputMismatchError
+    from nti_lightning.run.launch import RankFailedError
 
     overrides = list(args.overrides)
     if args.images:
@@ -95,20 +94,21 @@ def cmd_invert(args) -> int:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        summary = run_inversion(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, quiet=args.quiet)
-    except (OutputMismatchError, OutputLockedError) as e:
-        print(f"nti invert: {e}", file=sys.stderr)
+        summary = run_inversion(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, quiet=args.quiet,
+                                argv=args.argv)  # fmt: skip
+    except (OutputMismatchError, OutputLockedError, ClaimLostError) as e:
+        print(f"nti invert: {printable(e)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except RankFailedError as e:  # another rank launched by this process failed (this one finished)
         print(f"nti invert: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     if summary.rank != 0:  # a rank launched by rank 0, which reports the whole run; its rows are in its log
         return EXIT_PREEMPTED if summary.preempted else exit_status(summary, quiet=True)
     rows = summary.done + summary.failed
     if rows and args.quiet:  # without --quiet the rows were printed as the images finished
-        print(format_header())
+        print(format_header(summary.method))
         for rec in rows:
-            print(format_row(rec))
+            print(printable(format_row(rec)))
         if len(rows) < summary.n_done + summary.n_failed:
             print(f"(the first {len(rows)} rows; all of them are in the manifest, `nti status` lists the failures)")
     before = f" ({summary.skipped_failed} of them failed before)" if summary.skipped_failed else ""
@@ -177,7 +177,9 @@ def _quote(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # the ranks a multi-device run starts run this same command line
     if args.command == "invert":  # key=value overrides may come after the flags too
         bad = [e for e in extra if "=" not in e or e.startswith("-")]
         if bad:
@@ -196,9 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a user mistake or a failure: one line, the traceback only with --debug
         if debug:
             raise
-        print(f"nti {args.command}: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
-        # a path, value or device that is not there is the user's to fix: a configuration error
-        return EXIT_CONFIG_ERROR if isinstance(e, (OSError, ValueError)) else EXIT_ERROR
+        print(f"nti {args.command}: {type(e).__name__}: {printable(e)} (--debug shows the traceback)", file=sys.stderr)
+        return error_code(e)
+
+
+def error_code(e: BaseException) -> int:
+    """A path, value or device that is not there is the user's to fix (2); any other file-system error while
+    running — disk full, a read-only folder — is a runtime I/O error (74); anything else an error (1)."""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)):
+        return EXIT_CONFIG_ERROR
+    if isinstance(e, OSError):
+        return EXIT_IO_ERROR
+    return EXIT_ERROR
 
 
 def dispatch(args) -> int:

@@ -11,6 +11,9 @@ EXIT_SOME_FAILED = 3
 """Some images failed (recorded in the manifest; ``nti status`` lists why, ``--retry-failed`` redoes them)."""
 EXIT_ALL_FAILED = 4
 """Every image failed."""
+EXIT_IO_ERROR = 74
+"""A file-system error stopped the run (disk full, a read-only or vanished folder): the first cause is printed;
+what was finished is recorded and the state of the last checkpoint is kept; fix it and rerun (sysexits EX_IOERR)."""
 EXIT_PREEMPTED = 75
 """SIGTERM/SIGUSR1: the state is saved; rerun the same command to resume (sysexits EX_TEMPFAIL)."""
 EXIT_INTERRUPTED = 130

@@ -285,9 +285,9 @@ def runtime_for(precision: str, device: torch.device) -> Runtime:
         return Runtime()
     import lightning as L
 
-    from nti_lightning.run.launch import fabric_precision_kwargs
+    from nti_lightning.engine.runtime import precision_plugins
 
-    kwargs = fabric_precision_kwargs(precision, on_cpu=device.type == "cpu")
+    kwargs = precision_plugins(precision, device.type)
     return Runtime(L.Fabric(accelerator=device.type, devices=1, **kwargs))
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the benchmark library nti_bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared test helpers (run_outputs, oracles, …)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

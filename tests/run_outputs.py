@@ -1,6 +1,13 @@
-"""Helpers shared by the tests of dataset runs: read an output folder's embeddings, compare it to a reference."""
+"""Helpers shared by the tests of dataset runs: read an output folder's embeddings, compare it to a reference,
+run ``nti invert`` with the fast settings in this process or as a subprocess."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -22,3 +29,29 @@ def assert_same_as_reference(out, reference: dict[str, torch.Tensor], ids: list[
         assert torch.equal(got[k], reference[k]), k
     assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob("*.pt"))
     assert [r["status"] for r in read_manifest(out).values()] == ["ok"] * len(ids)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
+        "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
+        "output.checkpoint_every_s=0", "trainer.accelerator=cpu"]  # fmt: skip
+
+
+def invert_args(dataset, out, model, *extra) -> list[str]:
+    """``nti invert`` of a test dataset (images + captions.jsonl) with ``FAST`` settings."""
+    return ["invert", "--images", str(dataset), "--captions", str(dataset / "captions.jsonl"), "--output", str(out),
+            f"model.spec={model}", "--quiet", *FAST, *extra]  # fmt: skip
+
+
+def spawn_invert(dataset, out, model, *extra, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "nti_lightning.cli", *invert_args(dataset, out, model, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(pred, proc, timeout=120.0) -> None:
+    end = time.time() + timeout
+    while not pred():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)

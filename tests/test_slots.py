@@ -72,24 +72,29 @@ def test_default_batched_mode_stays_within_rounding(tiny_model, sample_images):
 
 
 def test_row_adam_equals_torch_adam_per_row():
+    """RowAdam (a torch.optim.Optimizer over the rows of its parameters) steps each selected row exactly as
+    ``torch.optim.Adam`` on that row alone; rows not selected, or selected but not applied, do not move."""
     torch.manual_seed(0)
     R, shape = 3, (5, 4)
-    params = torch.randn(R, *shape)
-    m, v, steps = torch.zeros(R, *shape), torch.zeros(R, *shape), torch.zeros(R, dtype=torch.long)
-    adam = RowAdam(m, v, steps)
-    refs = [params[r].clone().requires_grad_(True) for r in range(R)]
+    params = torch.nn.Parameter(torch.randn(R, *shape))
+    adam = RowAdam([params])
+    refs = [params[r].detach().clone().requires_grad_(True) for r in range(R)]
     lrs = [1e-2, 5e-3, 2e-2]
     opts = [torch.optim.Adam([p], lr=lr) for p, lr in zip(refs, lrs)]
-    cur = params.clone()
     for i in range(12):
         rows = torch.tensor([r for r in range(R) if (i + r) % 3 != 0])  # rows step at different times
         grads = torch.randn(len(rows), *shape)
-        cur[rows] = adam.step(cur[rows], grads, rows, [lrs[r] for r in rows.tolist()])
+        params.grad = torch.zeros_like(params)
+        params.grad[rows] = grads
+        apply = torch.tensor([not (i == 5 and r == 1) for r in rows.tolist()])  # one skipped step (16-mixed)
+        adam.select(rows, [lrs[r] for r in rows.tolist()], apply)
+        adam.step()
         for j, r in enumerate(rows.tolist()):
-            refs[r].grad = grads[j].clone()
-            opts[r].step()
+            if apply[j]:
+                refs[r].grad = grads[j].clone()
+                opts[r].step()
     for r in range(R):
-        assert torch.equal(cur[r], refs[r].detach()), r
+        assert torch.equal(params[r].detach(), refs[r].detach()), r
 
 
 def test_per_row_adam_equals_torch_adam_on_each_image_alone(random_model, sample_images):
@@ -139,9 +144,14 @@ def test_every_call_is_full_until_the_tail(random_model, sample_images):
 
 
 def test_only_null_embeddings_learn_and_frozen_weights_get_no_grad(random_model, sample_images):
+    """The Lightning module's parameters are exactly the nulls being optimised (∅_t of each slot, with grad), the
+    per-row Adam steps exactly them; {∅_t} are buffers; the frozen UNet gets no gradient."""
     engine = SlotEngine(random_model, InversionConfig(**FAST), rows=2)
     S, T, D = engine.num_slots, 4, random_model.text_encoder.config.hidden_size
-    assert sum(p.numel() for p in engine.bank.parameters()) == S * T * 77 * D
+    params = list(engine.bank.parameters())
+    assert sum(p.numel() for p in params) == S * 77 * D and all(p.requires_grad for p in params)
+    assert {id(p) for p in engine.adam.params} == {id(p) for p in params}
+    assert engine.bank.null_embeddings["prompt_embeds"].shape == (S, T, 77, D)
     invert(random_model, sample_images[:1], PROMPTS[:1], num_inner_steps=1, **FAST)
     assert all(p.grad is None and not p.requires_grad for p in random_model.unet.parameters())
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from oracles import assert_nti_beats_cfg
 from run_outputs import assert_same_as_reference, read_nulls
+from run_outputs import invert_args as _args
+from run_outputs import spawn_invert as _spawn
+from run_outputs import wait_for as _wait_for
 from safetensors.torch import load_file
-from test_scaleout import _args, _spawn, _wait_for
 
 from nti_lightning import invert, load_inversion, load_model, save_inversion
 from nti_lightning.api import reconstruction_latents
@@ -119,11 +121,11 @@ def test_p2p_edits_run_on_sdxl(sdxl, inverted, reconstruction, target, kwargs, m
 @pytest.mark.slow  # multi-process: CI runs it (-m slow); the README test command skips it
 def test_kill_9_resume_is_bit_identical(noise_dataset, tmp_path):
     """``nti invert --model tiny-sdxl`` killed with SIGKILL after its first checkpoint, then rerun: every record
-    equals an uninterrupted run's, prompt_embeds and pooled text_embeds alike (helpers of test_scaleout)."""
+    equals an uninterrupted run's, prompt_embeds and pooled text_embeds alike (helpers of run_outputs)."""
     ref = tmp_path / "ref"
     assert main(_args(noise_dataset, ref, "tiny-sdxl")) == 0
     reference = read_nulls(ref)
-    meta = json.loads((ref / "img0" / "meta.json").read_text())
+    meta = json.loads((ref / "images" / "img0" / "meta.json").read_text())
     assert (meta["family"], meta["model_source"]) == ("sdxl", "tiny-sdxl")
     out = tmp_path / "kill"
     proc = _spawn(noise_dataset, out, "tiny-sdxl")
@@ -135,5 +137,5 @@ def test_kill_9_resume_is_bit_identical(noise_dataset, tmp_path):
     assert "resuming " in (out / "logs" / "rank0.log").read_text()  # from the killed run's checkpoint
     assert_same_as_reference(out, reference, IDS)
     for k in IDS:
-        a = load_file(ref / k / "inversion.safetensors")["null_embeddings.text_embeds"]
-        assert torch.equal(a, load_file(out / k / "inversion.safetensors")["null_embeddings.text_embeds"])
+        a = load_file(ref / "images" / k / "inversion.safetensors")["null_embeddings.text_embeds"]
+        assert torch.equal(a, load_file(out / "images" / k / "inversion.safetensors")["null_embeddings.text_embeds"])

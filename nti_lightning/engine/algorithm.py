@@ -90,7 +90,9 @@ class Slot(Protocol):
 
     def fresh_adam(self) -> None: ...  # line 9: a new Adam (moments and step count reset) per timestep
 
-    def carry_null_forward(self, i: int) -> None: ...  # line 11: ∅_{t−1} ← ∅_t
+    def commit_null(self, i: int) -> None: ...  # lines 10–11: the optimised ∅_t into {∅_t}; ∅_{t−1} starts from it
+
+    def carry_null_forward(self, i: int) -> None: ...  # ∅_{t−1} ← ∅_t for a method that does not optimise
 
 
 MAX_SKIPS_PER_STEP = 10
@@ -133,9 +135,8 @@ def null_text_inversion(slot: Slot, cfg: InversionConfig) -> Generator[Request, 
             p.j += 1
             # the test uses the loss from before this step; the step is kept (the authors' order)
             p.converged = cfg.early_stop and outcome.loss < threshold
-        # Line 11: z̄_{t−1} ← z_{t−1}(z̄_t, ∅_t, C) with the optimised ∅_t; ∅_{t−1} ← ∅_t
+        # Line 11: ∅_t is done (kept in {∅_t}; ∅_{t−1} starts from it); z̄_{t−1} ← z_{t−1}(z̄_t, ∅_t, C)
+        slot.commit_null(p.i)
         yield Request(Kind.ADVANCE, p.i)
-        if p.i + 1 < T:
-            slot.carry_null_forward(p.i)
         p.i, p.j, p.has_cond, p.converged = p.i + 1, 0, False, False
     # Line 13: z̄_T = z*_T and {∅_t} are in the slot

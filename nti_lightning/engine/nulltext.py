@@ -6,11 +6,12 @@ execution):
 - ``null_text_lr`` and ``early_stop_threshold``: the authors' schedule lr = 1e-2·(1 − i/100) and their inner
   loop's stopping rule loss < 1e-5 + i·2e-5;
 - ``latent_mse``: the loss ‖z*_{t−1} − z_{t−1}(z̄_t, ∅_t, C)‖² as a mean over the latent, one per image;
-- ``RowAdam``: Adam (Kingma & Ba 2015) over the rows of a batch, each row with its own moments, step count and
-  learning rate — the paper's "fresh Adam per timestep" for every image of a continuous batch, with the
-  arithmetic of ``torch.optim.Adam`` in the same order (bit-identical to running it on one image alone);
-- ``DynamicLossScale``: 16-mixed's loss scaling with a per-row overflow test, so an image whose gradients
-  overflow skips its own step and no other image's.
+- ``RowAdam``: a ``torch.optim.Optimizer`` — Adam (Kingma & Ba 2015) over the rows of its parameters, each row
+  (an image's slot) with its own moments, step count and learning rate: the paper's "fresh Adam per timestep"
+  for every image of a continuous batch, with the arithmetic of ``torch.optim.Adam`` in the same order
+  (bit-identical to running it on one image alone);
+- ``RowLossScaler``: 16-mixed's loss scaling as the scaler of Lightning's ``MixedPrecision`` plugin, with the
+  overflow test per row, so an image whose gradients overflow skips its own step and no other image's.
 """
 
 from __future__ import annotations
@@ -52,48 +53,98 @@ def latent_mse(pred: Tensor, target: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class RowAdam:
-    """Adam over ``num_rows`` independent rows of parameters of shape ``shape``.
+class RowAdam(torch.optim.Optimizer):
+    """Adam over the rows of its parameters (each of shape (R, *shape), R = slots): row r has its own moments,
+    step count and learning rate.
 
-    Row r has its own first/second moments and step count; ``reset(rows)`` starts a fresh Adam for those rows
-    (Algorithm 1: a new optimiser per timestep). ``step`` updates only the rows given, each with its own
-    learning rate. The operations and their order are ``torch.optim.Adam``'s single-tensor path (betas 0.9,
-    0.999, ε 1e-8, no weight decay), so a row's numbers equal ``torch.optim.Adam`` run on that row alone.
-    The moments are buffers of the caller's module (``slot_bank.SlotBank``), passed in, so they are checkpointed
-    and moved with it.
-    """
+    ``reset(rows)`` starts a fresh Adam for those rows (Algorithm 1: a new optimiser per timestep). Before each
+    ``step()``, ``select(rows, lr, apply)`` names the rows the step updates — the images of the UNet call — with
+    their learning rates; rows whose ``apply`` is false (a non-finite loss, or gradients that overflowed under
+    16-mixed) keep their parameters, moments and step count. The operations and their order are
+    ``torch.optim.Adam``'s single-tensor path (betas 0.9, 0.999, ε 1e-8, no weight decay), so a row's numbers
+    equal ``torch.optim.Adam`` run on that row alone. The step count is per row and shared by the parameters
+    (SDXL optimises two keys: one Adam step per inner step for both, as ``torch.optim.Adam`` over both)."""
 
-    def __init__(self, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.exp_avg = exp_avg  # (R, *shape)
-        self.exp_avg_sq = exp_avg_sq  # (R, *shape)
-        self.steps = steps  # (R,) long, on the host
-        self.beta1, self.beta2 = betas
-        self.eps = eps
+    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, {"betas": betas, "eps": eps, "lr": 0.0})
+        group = self.param_groups[0]["params"]
+        self.num_rows = int(group[0].shape[0])
+        for p in group:
+            self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.steps = torch.zeros(self.num_rows, dtype=torch.long)  # host side: bias corrections are computed there
+        self._rows: Tensor | None = None
+        self._lr: list[float] = []
+        self.applied: Tensor | None = None  # (n,) bool: which selected rows the last step updated
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.param_groups[0]["params"]
 
     def reset(self, rows: Tensor) -> None:
-        self.exp_avg[rows.to(self.exp_avg.device)] = 0
-        self.exp_avg_sq[rows.to(self.exp_avg.device)] = 0
+        for p in self.params:
+            dev = rows.to(p.device)
+            self.state[p]["exp_avg"][dev] = 0
+            self.state[p]["exp_avg_sq"][dev] = 0
         self.steps[rows.cpu()] = 0
 
-    def step(self, param: Tensor, grad: Tensor, rows: Tensor, lr: list[float]) -> Tensor:
-        """Returns param − Adam's update for rows ``rows`` (n,), given their parameters ``param`` (n, *shape),
-        gradients ``grad`` (n, *shape) and learning rates ``lr`` (n floats). Updates the moments in place."""
-        dev_rows = rows.to(self.exp_avg.device)
-        host_rows = rows.cpu()
+    def select(self, rows: Tensor, lr: list[float], apply: Tensor) -> None:
+        """The rows (n,) the next ``step`` updates, their learning rates and which of them may step."""
+        self._rows, self._lr, self.applied = rows, list(lr), apply.cpu().clone()
+
+    def unscale_rows(self, inv_scale: float) -> Tensor:
+        """Multiplies the selected rows' gradients by ``inv_scale``; marks a row whose gradients are not finite as
+        not applied. → (n,) bool, finite per row (16-mixed, ``RowLossScaler``)."""
+        finite = torch.ones(len(self._rows), dtype=torch.bool)
+        for p in self.params:
+            rows = self._rows.to(p.device)
+            g = p.grad[rows] * torch.tensor(inv_scale, dtype=p.grad.dtype, device=p.device)
+            p.grad[rows] = g
+            finite &= torch.isfinite(g.flatten(1)).all(dim=1).cpu()
+        self.applied &= finite
+        return finite
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adam step for every selected row that applies (see the class docstring)."""
+        if self._rows is None:
+            raise RuntimeError("RowAdam.step() without select(rows, lr, apply)")
+        idx = self.applied.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return None
+        beta1, beta2 = self.param_groups[0]["betas"]
+        eps = self.param_groups[0]["eps"]
+        host_rows = self._rows.cpu()[idx]
         self.steps[host_rows] += 1
         step = self.steps[host_rows].tolist()
-        exp_avg = self.exp_avg[dev_rows].lerp_(grad, 1 - self.beta1)
-        exp_avg_sq = self.exp_avg_sq[dev_rows].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        self.exp_avg[dev_rows] = exp_avg
-        self.exp_avg_sq[dev_rows] = exp_avg_sq
+        lr = [self._lr[j] for j in idx.tolist()]
         # torch.optim.Adam computes these in double on the host and casts them to the parameter's dtype
-        neg_step_size = [-lr_r / (1 - self.beta1**s) for lr_r, s in zip(lr, step)]
-        bias_correction2_sqrt = [(1 - self.beta2**s) ** 0.5 for s in step]
-        view = (-1,) + (1,) * (param.dim() - 1)
-        neg_step_size_t = torch.tensor(neg_step_size, dtype=param.dtype).to(param.device).view(view)
-        bc2_t = torch.tensor(bias_correction2_sqrt, dtype=param.dtype).to(param.device).view(view)
-        denom = (exp_avg_sq.sqrt() / bc2_t).add_(self.eps)
-        return param + neg_step_size_t * exp_avg / denom  # addcdiv_'s order: value · t1 / t2, then the add
+        neg_step_size = [-lr_r / (1 - beta1**s) for lr_r, s in zip(lr, step)]
+        bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in step]
+        for p in self.params:
+            rows = host_rows.to(p.device)
+            grad, param = p.grad[rows], p[rows]
+            state = self.state[p]
+            exp_avg = state["exp_avg"][rows].lerp_(grad, 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            state["exp_avg"][rows] = exp_avg
+            state["exp_avg_sq"][rows] = exp_avg_sq
+            view = (-1,) + (1,) * (param.dim() - 1)
+            neg_step_size_t = torch.tensor(neg_step_size, dtype=param.dtype).to(param.device).view(view)
+            bc2_t = torch.tensor(bias_correction2_sqrt, dtype=param.dtype).to(param.device).view(view)
+            denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
+            p[rows] = param + neg_step_size_t * exp_avg / denom  # addcdiv_'s order: value · t1 / t2, then the add
+        return None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["row_steps"] = self.steps.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.steps.copy_(state_dict.pop("row_steps"))
+        super().load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,35 +152,44 @@ class RowAdam:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class DynamicLossScale:
-    """``torch.amp.GradScaler``'s dynamic scale (init 2¹⁶, ×0.5 on overflow, ×2 after 2000 clean steps), with
-    the overflow test per row: a row whose gradients are not finite skips its step (not charged to its N inner
-    steps); the other rows step. A step that overflows anywhere halves the scale."""
+class RowLossScaler:
+    """The scaler of Lightning's ``MixedPrecision("16-mixed", …, scaler=RowLossScaler())``: ``torch.amp.GradScaler``'s
+    dynamic scale (init 2¹⁶, ×0.5 on overflow, ×2 after 2000 clean steps) with the overflow test per row — a
+    ``torch.amp.GradScaler`` skips the step of every image when one overflows. Fabric calls ``scale`` in
+    ``fabric.backward`` and ``step``/``update`` in the optimiser's step; a row whose gradients are not finite
+    keeps its parameters (``RowAdam.unscale_rows``), and is not charged to its N inner steps."""
 
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
-        self.scale = init_scale
+        self.scale_value = init_scale
         self.growth_interval = growth_interval
         self.clean_steps = 0
+        self._overflow = False
 
-    def unscale(self, grad: Tensor) -> tuple[Tensor, Tensor]:
-        """grad (n, …) of the scaled loss → (unscaled grad, finite (n,) bool)."""
-        grad = grad * torch.tensor(1.0 / self.scale, dtype=grad.dtype, device=grad.device)
-        finite = torch.isfinite(grad.flatten(1)).all(dim=1)
-        return grad, finite
+    def scale(self, loss: Tensor) -> Tensor:
+        return loss * self.scale_value
 
-    def update(self, all_finite: bool) -> None:
-        if not all_finite:
-            self.scale *= 0.5
+    def step(self, optimizer: RowAdam, **kwargs):
+        had = optimizer.applied.clone()  # rows with a finite loss
+        finite = optimizer.unscale_rows(1.0 / self.scale_value)
+        self._overflow = not bool(finite[had].all())
+        return optimizer.step(**kwargs)
+
+    def update(self) -> None:
+        if self._overflow:
+            self.scale_value *= 0.5
             self.clean_steps = 0
             return
         self.clean_steps += 1
         if self.clean_steps >= self.growth_interval:
-            self.scale *= 2.0
+            self.scale_value *= 2.0
             self.clean_steps = 0
 
+    def unscale_(self, optimizer) -> None:
+        raise NotImplementedError("RowLossScaler unscales per row inside step(); gradient clipping is not used")
+
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"scale": self.scale_value, "clean_steps": self.clean_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
+        self.scale_value = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])

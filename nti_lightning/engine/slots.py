@@ -15,14 +15,16 @@ own early stop; rows never interact (GroupNorm and attention are per sample). An
 goes non-finite fails alone: its slot is freed and refilled. With ``InversionConfig.batch_invariant`` every
 call is evaluated row by row, so each image's numbers are bit-identical to inverting it alone.
 
-``slot_bank.SlotBank`` is the Lightning module: its parameters are the null embeddings ∅_t of every slot and timestep
-(updated by ``RowAdam`` from gradients taken on the gathered rows, so one row's step touches one row), its
-buffers the per-slot tensors the steps read (pivot trajectory, z̄_t, the conditional branch, Adam moments).
-``SlotEngine.state_dict()`` is the whole state: a run resumed from it continues bit for bit.
+``slot_bank.SlotBank`` is the Lightning module: its parameters are the null embeddings being optimised, ∅_t of every
+slot's current timestep, stepped by ``nulltext.RowAdam`` (a ``torch.optim.Optimizer`` set up through Fabric, so
+precision — autocast, 16-mixed's per-row loss scaling — is Fabric's); one row's step touches one row. Its
+buffers are the per-slot tensors the steps read (pivot trajectory, z̄_t, the conditional branch, the finished
+{∅_t}). ``SlotEngine.state_dict()`` is the whole state: a run resumed from it continues bit for bit.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,7 +37,7 @@ from nti_lightning.config import InversionConfig
 from nti_lightning.engine.algorithm import Kind, Progress, Request, StepOutcome
 from nti_lightning.engine.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
 from nti_lightning.engine.inverters import get_inverter
-from nti_lightning.engine.nulltext import DynamicLossScale
+from nti_lightning.engine.nulltext import RowAdam
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.sampling import encode_latents
 from nti_lightning.engine.slot_bank import SlotBank
@@ -59,6 +61,7 @@ class Admission:
 class Finished:
     tag: Any
     inversion: Inversion
+    seconds: float = 0.0  # this image's share of the UNet calls it took part in (each call's time / its rows)
 
 
 @dataclass
@@ -89,7 +92,13 @@ class _SlotState:
     progress: Progress
     request: Request | None = None
     since: int = 0  # tick at which ``request`` was made: the oldest requests are served first
+    seconds: float = 0.0  # share of the UNet calls' time so far
     gen: Any = field(default=None, repr=False)
+
+
+def _per_slot(name: str) -> bool:
+    """Whether a bank tensor has one row per slot (all but the model's null, ``null_<key>``)."""
+    return not name.startswith("null_")
 
 
 class _SlotHandle:
@@ -99,26 +108,37 @@ class _SlotHandle:
         self.engine, self.s = engine, s
         self.progress = engine.slots[s].progress
 
+    @torch.no_grad()
     def start_optimisation(self) -> None:  # line 6: z̄_T ← z*_T, ∅_T ← ψ("")
         bank, s = self.engine.bank, self.s
         bank.z_bar[s] = bank.trajectory[s, -1]
         for k in bank.learnable:
+            bank.working[k][s] = bank.null(k)[0]
             bank.null_embeddings[k][s, 0] = bank.null(k)[0]
 
     def fresh_adam(self) -> None:
-        for k in self.engine.bank.learnable:
-            self.engine.bank.adam(k).reset(torch.tensor([self.s]))
+        if self.engine.adam is not None:
+            self.engine.adam.reset(torch.tensor([self.s]))
 
-    def carry_null_forward(self, i: int) -> None:  # line 11: ∅_{t−1} ← ∅_t
+    @torch.no_grad()
+    def commit_null(self, i: int) -> None:  # ∅_t optimised: into {∅_t}; it stays the start of ∅_{t−1} (line 11)
+        bank, s = self.engine.bank, self.s
+        for k in bank.learnable:
+            bank.null_embeddings[k][s, i] = bank.working[k][s]
+
+    @torch.no_grad()
+    def carry_null_forward(self, i: int) -> None:  # ∅_{t−1} ← ∅_t in {∅_t} (methods that do not optimise)
         bank, s = self.engine.bank, self.s
         for k in bank.learnable:
             bank.null_embeddings[k][s, i + 1] = bank.null_embeddings[k][s, i]
 
+    @torch.no_grad()
     def fill_nulls(self, source_prompt: bool) -> None:  # ddim: every ∅_t ← ψ(""); NPI: every ∅_t ← ψ(P)
         bank, s = self.engine.bank, self.s
         for k in bank.learnable:
             bank.null_embeddings[k][s, :] = bank.cond(k)[s] if source_prompt else bank.null(k)[0]
 
+    @torch.no_grad()
     def correct_to_pivot(self, i: int) -> None:  # Direct Inversion: c_t ← z*_{t−1} − z̄_{t−1}; z̄_{t−1} ← z*_{t−1}
         bank, s = self.engine.bank, self.s
         target = bank.trajectory[s, bank.trajectory.shape[1] - 2 - i]
@@ -161,9 +181,11 @@ class SlotEngine:
         T, corrections = cfg.num_ddim_steps, self.inverter.keeps_corrections
         self.bank = SlotBank(self.num_slots, T, latent_shape, null, learnable, corrections)
         self.bank.to(model.device)
+        # the per-row Adam over the nulls being optimised, stepped through Fabric's precision plugin
+        self.adam = RowAdam(list(self.bank.working.values())) if learnable else None
+        self._stepper = self.runtime.setup_optimizer(self.adam) if learnable else None
         self.slots: list[_SlotState | None] = [None] * self.num_slots
         self.tick = 0
-        self.loss_scale = DynamicLossScale() if self.runtime.precision == "16-mixed" else None
         self.calls = {"grad": 0, "no_grad": 0, "rows": 0, "padded_rows": 0}
         self.image_size = size
         self._meta = {
@@ -203,7 +225,11 @@ class SlotEngine:
                 return
             # 2. One UNet call over the oldest requests of one kind
             grad, rows = self._pick(active)
+            t0 = time.perf_counter()
             answers = self._run_grad(rows) if grad else self._run_no_grad(rows)
+            share = (time.perf_counter() - t0) / len(rows)
+            for s in rows:
+                self.slots[s].seconds += share
             self.tick += 1
             # 3. Answer each image; it moves on, finishes or fails
             for s, answer in answers.items():
@@ -260,7 +286,7 @@ class SlotEngine:
             st.request = st.gen.send(answer)
             st.since = self.tick
         except StopIteration:
-            return self._free(s, Finished(st.tag, self._record(s)))
+            return self._free(s, Finished(st.tag, self._record(s), st.seconds))
         except FloatingPointError as e:
             return self._free(s, Failed(st.tag, str(e)))
         return None
@@ -375,7 +401,8 @@ class SlotEngine:
         return answers
 
     def _run_grad(self, rows: list[int]) -> dict[int, Any]:
-        """INNER rows: Algorithm 1, line 9 — the loss, its gradient to each row's ∅_t, one Adam step per row."""
+        """INNER rows: Algorithm 1, line 9 — the loss, its gradient to each row's ∅_t (the bank's parameters,
+        through Fabric's backward), one Adam step per row (through Fabric's optimiser step and precision)."""
         bank, n = self.bank, len(rows)
         call = self._padded(rows)
         reqs = [self.slots[s].request for s in call]
@@ -383,45 +410,31 @@ class SlotEngine:
         T = self.schedule.num_steps
         slots = torch.tensor(call, device=dev)
         steps = torch.tensor([r.index for r in reqs], device=dev)
-        null = bank.null_rows(slots, steps)
-        leaves = {k: null[k].detach().clone().requires_grad_(True) for k in bank.learnable}
-        null = {**null, **leaves}
-        batch = {
-            "denoise": self.denoise,
-            "schedule": self.schedule,
-            "guidance_scale": self.cfg.guidance_scale,
-            "z": bank.z_bar[slots],
-            "t": torch.tensor(self._timesteps(reqs), device=dev),
-            "null": null,
-            "cond_out": bank.cond_out[slots],
-            "target": bank.trajectory[slots, T - 1 - steps],  # z*_{t−1}
-        }
+        self.adam.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = bank.training_step(batch)[:n]  # (n,)
+            batch = {
+                "denoise": self.denoise,
+                "schedule": self.schedule,
+                "guidance_scale": self.cfg.guidance_scale,
+                "z": bank.z_bar[slots],
+                "t": torch.tensor(self._timesteps(reqs), device=dev),
+                "null": bank.null_rows(slots, steps, optimising=True),  # ∅_t of each row, with grad
+                "cond_out": bank.cond_out[slots],
+                "target": bank.trajectory[slots, T - 1 - steps],  # z*_{t−1}
+            }
+            loss = bank.training_step(batch)[:n]  # (n,); padding rows take no part in the loss
             total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
-            if self.loss_scale is not None:
-                total = total * self.loss_scale.scale
-            grads = torch.autograd.grad(total, list(leaves.values()))
+        loss_host = loss.detach().cpu()  # the one host sync of an inner step
+        self.adam.select(slots[:n], [r.lr for r in reqs[:n]], torch.isfinite(loss_host))
+        self.runtime.backward(total)
+        self._stepper.step()  # Fabric: the precision plugin's optimizer_step (16-mixed: per-row unscale and skip)
         self.calls["grad"] += 1
         self.calls["rows"] += n
-        loss_host = loss.detach().cpu()  # the one host sync of an inner step
-        apply = torch.isfinite(loss_host)
-        grads = {k: g[:n] for k, g in zip(leaves, grads)}
-        if self.loss_scale is not None:
-            for k in grads:
-                grads[k], finite = self.loss_scale.unscale(grads[k])
-                apply &= finite.cpu()
-            self.loss_scale.update(bool(apply[torch.isfinite(loss_host)].all()))
-        idx = apply.nonzero().squeeze(1)
-        if len(idx):
-            s_rows, i_rows = slots[:n][idx.to(dev)], steps[:n][idx.to(dev)]
-            lr = [reqs[j].lr for j in idx.tolist()]
-            with torch.no_grad():
-                for k in bank.learnable:
-                    new = bank.adam(k).step(leaves[k][:n][idx.to(dev)].detach(), grads[k][idx.to(dev)], s_rows, lr)
-                    bank.null_embeddings[k][s_rows, i_rows] = new
-                bank.inner_steps[s_rows, i_rows] += 1
+        apply = self.adam.applied
         with torch.no_grad():
+            idx = apply.nonzero().squeeze(1).to(dev)
+            if len(idx):
+                bank.inner_steps[slots[:n][idx], steps[:n][idx]] += 1
             bank.final_loss[slots[:n], steps[:n]] = loss.detach().float()
         answers: dict[int, Any] = {}
         for pos, s in enumerate(rows):
@@ -437,10 +450,31 @@ class SlotEngine:
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit: the bank, Adam step counts, every slot's progress."""
+        """Everything needed to continue bit for bit: the rows of the occupied slots of the bank (parameters and
+        buffers) and of the optimiser, the precision plugin's state (16-mixed's loss scale), every slot's
+        progress. Free slots are not saved: nothing of an image that left a slot is read again."""
+        occupied = [s for s, st in enumerate(self.slots) if st is not None]
+        rows = torch.tensor(occupied, dtype=torch.long)
+        bank = {}
+        for k, v in self.bank.state_dict().items():
+            v = v.detach().cpu()
+            bank[k] = v[rows].clone() if _per_slot(k) else v.clone()
+        adam = None
+        if self.adam is not None:
+            live = self.adam.state_dict()  # (its "state" dicts are the optimiser's own: copied, never changed)
+            adam = {
+                "param_groups": live["param_groups"],
+                "row_steps": live["row_steps"][rows].clone(),
+                "state": {
+                    i: {name: v.detach().cpu()[rows].clone() for name, v in st.items()}
+                    for i, st in live["state"].items()
+                },
+            }
         return {
-            "bank": {k: v.detach().cpu().clone() for k, v in self.bank.state_dict().items()},
-            "adam_steps": self.bank.adam_steps.clone(),
+            "occupied": occupied,
+            "bank": bank,
+            "adam": adam,
+            "precision": self.runtime.precision_state(),
             "tick": self.tick,
             "slots": [
                 None
@@ -451,22 +485,40 @@ class SlotEngine:
                     "progress": asdict(st.progress),
                     "request": [st.request.kind.value, st.request.index],
                     "since": st.since,
+                    "seconds": st.seconds,
                 }
                 for st in self.slots
             ],
-            "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
             "calls": dict(self.calls),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["slots"]) != self.num_slots:
             raise ValueError(f"checkpoint has {len(state['slots'])} slots, this engine {self.num_slots}")
-        self.bank.load_state_dict({k: v.to(self.model.device) for k, v in state["bank"].items()})
-        self.bank.adam_steps.copy_(state["adam_steps"])
+        rows = torch.tensor(state["occupied"], dtype=torch.long)
+        full = self.bank.state_dict()
+        for k, v in state["bank"].items():
+            if _per_slot(k):
+                full[k] = torch.zeros_like(full[k])
+                full[k][rows.to(full[k].device)] = v.to(full[k].device)
+            else:
+                full[k] = v.to(full[k].device)
+        self.bank.load_state_dict(full)
+        if self.adam is not None:
+            saved, live = state["adam"], self.adam.state_dict()
+            steps = torch.zeros_like(live["row_steps"])
+            steps[rows] = saved["row_steps"]
+            whole = {"param_groups": live["param_groups"], "row_steps": steps, "state": {}}
+            for i, st in live["state"].items():
+                whole["state"][i] = {}
+                for name, v in st.items():
+                    full = torch.zeros_like(v)
+                    full[rows.to(v.device)] = saved["state"][i][name].to(v.device)
+                    whole["state"][i][name] = full
+            self.adam.load_state_dict(whole)
+        self.runtime.load_precision_state(state["precision"])
         self.tick = int(state["tick"])
         self.calls = dict(state["calls"])
-        if self.loss_scale is not None and state["loss_scale"] is not None:
-            self.loss_scale.load_state_dict(state["loss_scale"])
         for s, saved in enumerate(state["slots"]):
             if saved is None:
                 self.slots[s] = None
@@ -477,6 +529,7 @@ class SlotEngine:
             if (self.slots[s].request.kind.value, self.slots[s].request.index) != (kind, index):
                 raise ValueError(f"checkpoint slot {s}: saved request {kind}@{index} is not where its progress leads")
             self.slots[s].since = int(saved["since"])
+            self.slots[s].seconds = float(saved.get("seconds", 0.0))
 
     @property
     def tags(self) -> list[Any]:

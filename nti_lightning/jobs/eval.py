@@ -3,7 +3,7 @@
 ``run_eval`` is the whole run, top to bottom:
 
 1. **Entries** — ``eval.pie.load_pie`` (one line per bad entry; the run goes on), then this worker's static
-   share: entry k → shard k mod S, then rank (k div S) mod world (``run.items.is_mine``, as ``nti invert``).
+   share: entry k → shard k mod S, then rank (k div S) mod world (``run.folder.WorkerId.is_mine``, as ``nti invert``).
 2. **The output folder** — ``eval.json`` ties it to the settings (a rerun with others is refused); the pairs
    already in ``per_image.jsonl`` are skipped: a killed run redoes no finished pair.
 3. **Model and metric networks** — the model from ``--model``; LPIPS/DINO/CLIP only from local paths.
@@ -48,8 +48,7 @@ from nti_lightning.eval.metrics import Backbones, Nets, load_nets, lpips, pie_me
 from nti_lightning.eval.pie import PieEntry, load_pie, mask_at, pie_border
 from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
 from nti_lightning.p2p.edit import EditSpec, edit_batch
-from nti_lightning.run.identity import identity_diff
-from nti_lightning.run.items import is_mine
+from nti_lightning.run.folder import WorkerId, identity_diff
 from nti_lightning.store.files import atomic_save_image, atomic_write_bytes
 
 Log = Callable[[str], None]
@@ -76,7 +75,8 @@ def my_entries(cfg: EvalConfig, log: Log) -> list[PieEntry]:
     if not entries and errors:
         raise FileNotFoundError(f"no usable entry in {cfg.data}: {errors[0]}")
     entries = entries[: cfg.limit] if cfg.limit else entries
-    return [e for k, e in enumerate(entries) if is_mine(k, cfg.shard_index, cfg.num_shards, cfg.rank, cfg.world_size)]
+    worker = WorkerId(cfg.shard_index, cfg.num_shards, cfg.rank, cfg.world_size)
+    return [e for k, e in enumerate(entries) if worker.is_mine(k)]
 
 
 def eval_identity(cfg: EvalConfig, model) -> dict:

@@ -92,6 +92,18 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from e
 
 
+def model_source(spec: str | os.PathLike) -> str:
+    """What ``load_model(spec).source`` will be, without loading anything: an embedded name as is, a local
+    folder or checkpoint file as its absolute path, anything else (a hub id) as given. A run compares it with its
+    folder's settings before spending the load."""
+    spec_str = str(spec)
+    if spec_str in EMBEDDED:
+        return spec_str
+    if Path(spec_str).is_dir() or Path(spec_str).suffix in (".safetensors", ".ckpt"):
+        return str(Path(spec_str).resolve())
+    return spec_str
+
+
 def load_model(
     spec: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,

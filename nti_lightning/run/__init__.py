@@ -1,28 +1,27 @@
-"""The dataset run behind ``nti invert``: every image of a folder or list inverted once, resumable, sharded.
+"""The run layer: what every command's job (``nti invert``, ``nti eval``, ``nti edit --edits``) stands on.
 
-``launch`` (Fabric and rank processes) → ``worker`` (one rank's shard through the slot engine) with
-``items`` (the stream), ``outputs`` (files per image), ``manifest`` (one JSON row per image),
-``checkpoint`` (the engine's state), ``lock`` (one run per folder), ``signals`` (stop and resume).
+``folder`` (a worker's view of its run folder: claims, settings, the start-up handshake) with ``claim`` (one run
+per folder and shard, held by every rank), ``records`` (the append-only record log and the compact index that
+commits it), ``checkpoint`` (a worker's engine state through Lightning's ``CheckpointIO``), ``launch`` (ranks as
+independent processes, Fabric per rank), ``signals`` (stop, preempt, die with the launcher), ``progress``
+(logging and the bar), ``summary`` (a worker's counts) and ``status`` (``nti status``). Files are written with
+``store.files.atomic_write``.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "OutputMismatchError": "identity",
+    "OutputMismatchError": "folder",
+    "OutputLockedError": "claim",
     "RankFailedError": "launch",
-    "run_inversion": "launch",
-    "OutputLockedError": "lock",
-    "ManifestIndex": "nti_lightning.store.manifest",
-    "read_manifest": "nti_lightning.store.manifest",
-    "RunSummary": "outputs",
-    "format_header": "outputs",
-    "format_row": "outputs",
-    "EXIT_PREEMPTED": "nti_lightning.exit_codes",
+    "RunSummary": "summary",
     "StopFlag": "signals",
+    "read_manifest": "nti_lightning.store.manifest",
+    "EXIT_PREEMPTED": "nti_lightning.exit_codes",
 }
 
 
-def __getattr__(name: str):  # lazy: ``nti status`` reads manifests without importing torch
+def __getattr__(name: str):  # lazy: ``nti status`` reads the index without importing torch
     if name in _EXPORTS:
         where = _EXPORTS[name]
         return getattr(import_module(where if "." in where else f"nti_lightning.run.{where}"), name)

@@ -1,171 +1,154 @@
-"""Launching ``nti invert``: Fabric, the rank processes, and what happens when one of them stops or fails.
+"""Launching a job's ranks: every rank is an independent process with its own device and its own shard.
 
-``run_inversion`` is the entry point. Under srun/torchrun every rank is started by the cluster and runs
-``worker.run_worker`` on its shard; where this process launches the other ranks itself (Lightning's ``ddp``
-without srun/torchrun, or ``ddp_spawn``) it passes stop signals on to them and waits for them.
+Ranks never exchange anything (each inverts its own images), so no process group is made. Where a rank stands
+comes from the launcher, read through Lightning's cluster environments: ``srun`` (``SLURMEnvironment``),
+``torchrun`` (``TorchElasticEnvironment``), or ``nti`` itself — with ``trainer.devices`` > 1 and no cluster
+launcher, the first process runs rank 0 and starts ranks 1…G−1 as ``nti`` subprocesses of the same command
+line (``NTI_RANK`` …), passes stop signals on to them, waits for them, and reports the whole run. A started rank
+dies with its launcher (``signals.die_with_launcher``) and every rank holds its own claim, so no rank outlives
+a killed run to race a rerun. Each rank's Fabric is a single-device one: it supplies the device, precision and
+the checkpoint I/O (``checkpoint.WorkerCheckpointIO``).
+
+Why not Lightning's own ``ddp`` launcher: it makes a process group the ranks never use, and its child-process
+observer SIGKILLs every rank as soon as one exits non-zero — also with 75 after a preemption, while the others
+are still saving (``tests/run/test_launch_limits.py`` pins it).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nti_lightning.config import RunConfig
-from nti_lightning.engine.runtime import resolve_precision
 from nti_lightning.exit_codes import EXIT_ALL_FAILED, EXIT_PREEMPTED, EXIT_SOME_FAILED
-from nti_lightning.run.outputs import RunSummary
 from nti_lightning.run.signals import StopFlag
-from nti_lightning.run.worker import log_line, run_worker, summary_path, worker_name
+from nti_lightning.run.summary import RunSummary
 
 
-def fabric_precision_kwargs(precision: str, on_cpu: bool) -> dict:
-    """Fabric's precision arguments: 16-mixed on CPU as an explicit fp16 plugin with a CPU GradScaler (Fabric
-    would silently run bf16), any other precision by name."""
-    if precision == "16-mixed" and on_cpu:
-        from lightning.fabric.plugins import MixedPrecision
+@dataclass(frozen=True)
+class Placement:
+    """Where this process stands: its rank of ``world``, its device index on the node, the session its ranks
+    share (the start-up handshake names it), the pid of the ``nti`` process that started it (if one did)."""
 
-        return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
-    return {"precision": precision}
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    session: str = ""
+    launcher_pid: int | None = None
+    environment: str = "a single process"
 
 
-def make_fabric(cfg: RunConfig, launch: bool = True):
-    """Fabric for ``cfg.trainer``; 16-mixed on CPU gets an explicit fp16 plugin (Fabric would run bf16)."""
-    from datetime import timedelta
+class RankFailedError(RuntimeError):
+    """A rank launched by this process ended with an error (its ``logs/<worker>.log`` says more)."""
 
+
+def local_device_count(trainer) -> int:
+    """How many devices of this node the run uses (``trainer.devices``: an int, a list, or "auto")."""
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices in ("auto", -1, "-1"):
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+    return int(devices)
+
+
+def detect_placement(trainer) -> Placement:
+    """This process's placement: started by ``nti`` (``NTI_RANK``), ``torchrun``, ``srun`` (more than one task),
+    or alone — then, with ``trainer.devices`` > 1, the launcher of its node's ranks (rank 0)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    env = os.environ
+    if env.get("NTI_RANK") is not None:
+        return Placement(
+            int(env["NTI_RANK"]),
+            int(env["NTI_WORLD_SIZE"]),
+            int(env["NTI_LOCAL_RANK"]),
+            int(env["NTI_LOCAL_WORLD"]),
+            env["NTI_SESSION"],
+            int(env["NTI_LAUNCHER_PID"]),
+            "nti (a rank it started)",
+        )
+    if TorchElasticEnvironment.detect():
+        e = TorchElasticEnvironment()
+        session = f"torchrun-{env.get('TORCHELASTIC_RUN_ID', '')}-{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        local_world = int(env.get("LOCAL_WORLD_SIZE", e.world_size()))
+        return Placement(e.global_rank(), e.world_size(), e.local_rank(), local_world, session, None, "torchrun")
+    if SLURMEnvironment.detect() and int(env.get("SLURM_NTASKS", "1")) > 1:
+        e = SLURMEnvironment()
+        step = f"{env.get('SLURM_JOB_ID')}.{env.get('SLURM_STEP_ID', '')}.{env.get('SLURM_RESTART_COUNT', 0)}"
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+        return Placement(e.global_rank(), e.world_size(), e.local_rank(), local_world, f"slurm-{step}", None, "srun")
+    devices = local_device_count(trainer)
+    if trainer.num_nodes > 1:
+        raise ValueError(
+            f"trainer.num_nodes={trainer.num_nodes} needs a cluster launcher that starts one process per device "
+            "(srun, torchrun); see docs/scaleout.md"
+        )
+    return Placement(0, devices, 0, devices, uuid.uuid4().hex, None, "nti" if devices > 1 else "a single process")
+
+
+def check_placement(trainer, place: Placement) -> None:
+    """Under srun/torchrun the launcher's world must be the configured devices × nodes."""
+    if place.environment in ("srun", "torchrun"):
+        want = local_device_count(trainer) * trainer.num_nodes
+        if want != place.world:
+            raise ValueError(
+                f"{place.environment} started {place.world} processes but trainer.devices × trainer.num_nodes = "
+                f"{want}; start one task per device (srun --ntasks-per-node=trainer.devices)"
+            )
+
+
+def make_fabric(cfg, place: Placement, tmp_dir: Path | None = None):
+    """A single-device Fabric for this rank: its device, precision (``engine.runtime.precision_plugins``) and
+    checkpoint I/O."""
     import lightning as L
-    from lightning.fabric.strategies import DDPStrategy
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from nti_lightning.engine.runtime import precision_plugins
+    from nti_lightning.run.checkpoint import WorkerCheckpointIO
+
     tr = cfg.trainer
-    on_cpu = tr.accelerator == "cpu" or (tr.accelerator == "auto" and not torch.cuda.is_available())
-    kwargs = fabric_precision_kwargs(tr.precision, on_cpu)
-    strategy = tr.strategy
-    if strategy in ("ddp", "ddp_spawn"):
-        strategy = DDPStrategy(
-            start_method="popen" if strategy == "ddp" else "spawn", timeout=timedelta(seconds=tr.ddp_timeout_s)
-        )
+    cuda = tr.accelerator in ("cuda", "gpu") or (tr.accelerator == "auto" and torch.cuda.is_available())
+    kwargs = precision_plugins(tr.precision, "cuda" if cuda else "cpu")
+    kwargs["plugins"] = [*kwargs.get("plugins", []), WorkerCheckpointIO(tmp_dir)]
+    devices = [place.local_rank] if cuda else 1
     try:
-        fabric = L.Fabric(
-            accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy, **kwargs
-        )
+        return L.Fabric(accelerator=tr.accelerator, devices=devices, num_nodes=1, strategy="auto", **kwargs)
     except (RuntimeError, MisconfigurationException) as e:  # no such accelerator here, too many devices, …
         first = str(e).strip().splitlines()[0]
         raise ValueError(
             f"trainer.accelerator={tr.accelerator} trainer.devices={tr.devices}: {first} "
             "(trainer.accelerator=auto picks what this machine has)"
         ) from None
-    if launch:
-        fabric.launch()
-    return fabric
 
 
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
-    folder, and every rank sees the same paths whatever its working directory."""
-
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().resolve())
-
-    data = replace(cfg.data, images=[absolute(p) for p in cfg.data.images] if cfg.data.images else cfg.data.images,
-                   captions=absolute(cfg.data.captions))  # fmt: skip
-    spec = cfg.model.spec
-    if spec != "tiny" and Path(spec).expanduser().exists():
-        spec = absolute(spec)
-    return replace(cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data,
-                   model=replace(cfg.model, spec=spec))  # fmt: skip
-
-
-def run_inversion(
-    cfg: RunConfig,
-    *,
-    overwrite: bool = False,
-    retry_failed: bool = False,
-    quiet: bool = False,
-    fabric=None,
-) -> RunSummary:
-    """Inverts every image of ``cfg.data`` into ``cfg.output.dir``; returns this rank's summary (rank 0's
-    under ``ddp_spawn``). ``summary.preempted``: a signal stopped the run with its state saved.
-
-    Where this process launches the other ranks itself (``trainer.strategy=ddp`` without srun/torchrun, or
-    ``ddp_spawn``) it passes stop signals on to them and waits for them: the summary is ``preempted`` if any
-    rank was, and ``RankFailedError`` is raised if any rank failed."""
-    cfg = absolute_paths(cfg)
-    if Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
-        raise NotADirectoryError(f"output folder {cfg.output.dir} is a file; give a folder (--output / output.dir)")
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    if precision != cfg.trainer.precision:  # "auto": record the mode that actually runs
-        cfg = replace(cfg, trainer=replace(cfg.trainer, precision=precision))
-    if fabric is not None:
-        return _run_rank(fabric, cfg, overwrite, retry_failed, quiet)
-    stop = StopFlag()  # before the launch: a signal then reaches the ranks this process starts
-    since = time.time()
-    try:
-        if cfg.trainer.strategy == "ddp_spawn":
-            return _run_spawned(cfg, stop, overwrite, retry_failed, quiet, since)
-        fabric = make_fabric(cfg)
-        launcher = getattr(fabric.strategy, "launcher", None)
-        procs = list(getattr(launcher, "procs", None) or [])  # Lightning's own `ddp` launch; none under srun
-        stop.forward(lambda: [p.pid for p in procs if p.returncode is None])
-        ranks: dict[int, subprocess.Popen] = {}
-
-        def take_over() -> None:  # after the start-up barrier: every rank is up and no collective follows
-            ranks.update(take_over_launched_ranks(fabric))
-
-        try:
-            summary = _run_rank(fabric, cfg, overwrite, retry_failed, quiet, stop=stop, on_started=take_over)
-        except BaseException:
-            # this rank failed: the ranks it launched must not run on alone (before the start-up barrier they
-            # have done nothing yet and wait in it: kill them; after it, let them save first)
-            stop_ranks(procs, grace_s=30.0 if ranks else 0.0)
-            raise
-        if ranks:
-            _note(cfg, fabric.global_rank, quiet, f"waiting for the rank(s) {sorted(ranks)} this process launched")
-            settle_ranks(summary, {r: p.wait() for r, p in ranks.items()})
-            merge_rank_summaries(summary, cfg, ranks, since)
-        return summary
-    finally:
-        stop.restore()
-
-
-def _run_spawned(
-    cfg: RunConfig, stop: StopFlag, overwrite: bool, retry_failed: bool, quiet: bool, since: float
-) -> RunSummary:
-    """``ddp_spawn``: this process starts every rank; each reports its outcome in shared memory, since Lightning
-    returns rank 0's summary only."""
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    fabric = make_fabric(cfg, launch=False)
-    outcomes = mp.get_context("spawn").Array("i", [-1] * fabric.world_size, lock=False)
-    stop.forward(lambda: [p.pid for p in multiprocessing.active_children()])
-    summary = fabric.launch(_run_rank, cfg, overwrite, retry_failed, quiet, None, outcomes)
-    settle_ranks(summary, dict(enumerate(outcomes)))
-    merge_rank_summaries(summary, cfg, range(1, fabric.world_size), since)
-    return summary
-
-
-def take_over_launched_ranks(fabric) -> dict[int, subprocess.Popen]:
-    """The rank processes that Lightning's ``ddp`` (popen) launcher started from this one, by global rank (none
-    under srun/torchrun: the cluster starts every rank). This process watches them from now on instead of
-    Lightning's child-process observer, which SIGKILLs the launcher as soon as a child exits non-zero — with
-    ``EXIT_PREEMPTED`` too, while this rank is still saving its own state."""
-    procs = getattr(getattr(fabric.strategy, "launcher", None), "procs", None)
-    if not procs:
-        return {}
-    ranks = {fabric.global_rank + i: p for i, p in enumerate(procs, 1)}
-    procs.clear()  # the observer holds this very list: empty, it has nothing left to watch and ends
-    return ranks
-
-
-class RankFailedError(RuntimeError):
-    """A rank launched by this process ended with an error (its ``logs/rank{r}.log`` says more)."""
+def start_ranks(argv: list[str], place: Placement, cpu: bool) -> dict[int, subprocess.Popen]:
+    """Ranks 1…G−1 of this node as ``nti`` processes running ``argv`` (this process is rank 0)."""
+    procs = {}
+    threads = max(1, (os.cpu_count() or 1) // place.local_world)
+    for r in range(1, place.local_world):
+        env = dict(
+            os.environ,
+            NTI_RANK=str(r),
+            NTI_WORLD_SIZE=str(place.world),
+            NTI_LOCAL_RANK=str(r),
+            NTI_LOCAL_WORLD=str(place.local_world),
+            NTI_SESSION=place.session,
+            NTI_LAUNCHER_PID=str(os.getpid()),
+        )
+        if cpu:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
+        procs[r] = subprocess.Popen([sys.executable, "-m", "nti_lightning.cli", *argv], env=env)
+    if cpu and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)  # each rank its share of the cores, as the started ones
+    return procs
 
 
 def settle_ranks(summary: RunSummary, codes: dict[int, int]) -> None:
@@ -178,60 +161,59 @@ def settle_ranks(summary: RunSummary, codes: dict[int, int]) -> None:
     if failed:
         raise RankFailedError(
             f"rank(s) {sorted(failed)} failed (exit codes {failed}; a negative code is the signal that killed it); "
-            f"see {summary.output}/logs/rank*.log. Finished images are recorded; rerun to complete the rest."
+            f"see {summary.output}/logs/*.log. Finished images are recorded; rerun to complete the rest."
         )
 
 
-def merge_rank_summaries(summary: RunSummary, cfg: RunConfig, ranks, since: float) -> None:
-    """Adds the final counts the ranks this process launched left in ``logs/`` (written after ``since``): the
-    launching rank prints one summary of the whole run."""
-    for r in ranks:
-        path = summary_path(summary.output, cfg, r)
+def merge_rank_summaries(summary: RunSummary, paths: dict[int, Path], since: float) -> None:
+    """Adds the final counts the ranks this process launched left (written after ``since``): the launching rank
+    prints one summary of the whole run."""
+    for r, path in paths.items():
         if r != summary.rank and path.is_file() and path.stat().st_mtime >= since:
             summary.merge(RunSummary.load(path, summary.output))
 
 
-def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+def stop_ranks(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
     """SIGTERM (they save and exit), then SIGKILL what is still running after ``grace_s``."""
-    for p in procs:
+    for p in procs.values():
         if p.poll() is None:
             p.terminate() if grace_s > 0 else p.kill()
     end = time.monotonic() + grace_s
-    for p in procs:
+    for p in procs.values():
         try:
             p.wait(timeout=max(end - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             p.kill()
 
 
-def _note(cfg: RunConfig, rank: int, quiet: bool, line: str) -> None:
-    """A line for this rank's log file (and stderr unless quiet), outside the worker."""
-    with open(Path(cfg.output.dir) / "logs" / f"{worker_name(cfg, rank)}.log", "a", encoding="utf-8") as f:
-        f.write(log_line(line))
-    if not quiet:
-        print(line, file=sys.stderr, flush=True)
+def launch(run_rank, cfg, argv: list[str] | None, summary_path, **flags) -> RunSummary:
+    """Runs this process's rank of ``run_rank(cfg, place, stop, **flags)`` and, where it is the launcher of its
+    node, the other ranks as subprocesses (module docstring). ``summary_path(worker_rank) -> Path`` is where a
+    rank leaves its counts; ``argv`` is the command line the started ranks run."""
+    from nti_lightning.run.signals import die_with_launcher
 
-
-def _run_rank(
-    fabric,
-    cfg: RunConfig,
-    overwrite: bool,
-    retry_failed: bool,
-    quiet: bool,
-    stop: StopFlag | None = None,
-    outcomes=None,
-    on_started: Callable[[], None] | None = None,
-) -> RunSummary:
-    from nti_lightning.models import load_model
-
-    out_dir = Path(cfg.output.dir).resolve()
-    own_stop = stop is None
-    stop = stop if stop is not None else StopFlag()
+    place = detect_placement(cfg.trainer)
+    check_placement(cfg.trainer, place)
+    stop = StopFlag()  # before any rank starts: a signal then reaches them all
+    if place.launcher_pid is not None:
+        die_with_launcher(place.launcher_pid)
+    procs: dict[int, subprocess.Popen] = {}
+    since = time.time()
     try:
-        summary = run_worker(fabric, cfg, out_dir, stop, overwrite, retry_failed, quiet, load_model, on_started)
+        if place.environment == "nti" and place.world > 1:
+            if argv is None:
+                raise ValueError("a run over several devices starts its ranks from the nti command line")
+            cpu = not (cfg.trainer.accelerator in ("cuda", "gpu") or torch.cuda.is_available())
+            procs = start_ranks(argv, place, cpu)
+        stop.forward(lambda: [p.pid for p in procs.values() if p.poll() is None])
+        try:
+            summary = run_rank(cfg, place, stop, **flags)
+        except BaseException:
+            stop_ranks(procs, grace_s=30.0)  # the others save and stop: they must not run on alone
+            raise
+        if procs:
+            settle_ranks(summary, {r: p.wait() for r, p in procs.items()})
+            merge_rank_summaries(summary, {r: summary_path(r) for r in procs}, since)
+        return summary
     finally:
-        if own_stop:
-            stop.restore()
-    if outcomes is not None:  # ddp_spawn: this rank's outcome for the launching process
-        outcomes[fabric.global_rank] = EXIT_PREEMPTED if summary.preempted else 0
-    return summary
+        stop.restore()

@@ -1,10 +1,18 @@
-"""Stop signals: the handler only sets a flag; the worker checks it between UNet calls, saves and exits."""
+"""Stop signals: the handler only sets a flag; the worker checks it between UNet calls, saves and exits.
+
+A rank started by another ``nti`` process also stops when that process dies (``die_with_launcher``): Linux's
+parent-death signal, and a watch of the parent pid elsewhere, deliver SIGTERM, so an orphaned rank saves its
+state and exits instead of running on beside a rerun.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 
 
@@ -80,3 +88,25 @@ def requeue_slurm_job(log) -> None:
 
 
 SUMMARY_ROWS = 1000
+
+
+def die_with_launcher(launcher_pid: int) -> None:
+    """SIGTERM to this process as soon as ``launcher_pid`` (its parent) is gone: ``prctl(PR_SET_PDEATHSIG)`` on
+    Linux, and a 1-second watch of the parent pid (other systems, and the window before prctl)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != launcher_pid:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="nti-launcher-watch", daemon=True).start()

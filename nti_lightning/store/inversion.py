@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from nti_lightning.store.files import atomic_write
 
 FORMAT_VERSION = 1
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
@@ -87,14 +89,9 @@ class Inversion:
         return model.family.at_size(self.meta.get("image_size"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
-    """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically."""
+def save_inversion(path: str | os.PathLike, inv: Inversion, tmp_dir: Path | None = None) -> Path:
+    """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically (``store.files.atomic_write``;
+    ``tmp_dir``: a run worker's temporary folder)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
@@ -108,11 +105,8 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     for key, value in inv.null_extra.items():
         tensors[NULL_EXTRA_PREFIX + key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
     record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"nti_lightning": json.dumps(record)})
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the other outputs follow the umask
-    os.replace(tmp, path)
-    return path
+    data = save(tensors, metadata={"nti_lightning": json.dumps(record)})
+    return atomic_write(path, data, tmp_dir)
 
 
 def load_inversion(path: str | os.PathLike, model=None) -> Inversion:

@@ -19,8 +19,9 @@ from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import main
 from nti_lightning.run import EXIT_PREEMPTED
+from nti_lightning.run.checkpoint import WorkerCheckpointIO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = ["img0", "img1", "img2"]
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
@@ -74,7 +75,7 @@ def test_two_ddp_ranks_shard_statically_and_match_one_rank(dataset, model_dir, r
     assert [r["id"] for r in m0] == ["img0", "img2"] and [r["id"] for r in m1] == ["img1"]  # each image once
     assert {r["rank"] for r in m1} == {1} and (out / "logs" / "rank1.log").is_file()
     assert_same_as_reference(out, reference[1], IDS)  # manifests merge; bit-identical to one rank
-    assert json.loads((out / "progress.json").read_text())["total"] == 3
+    assert {json.loads((out / "progress" / f"rank{r}.json").read_text())["total"] for r in (0, 1)} == {3}
     assert main(["status", str(out)]) == 0
 
 
@@ -95,23 +96,24 @@ def test_sigterm_saves_state_exits_and_resumes_bit_identically(dataset, model_di
     # an in-flight image whose file changed since the checkpoint (here: its recorded pixel hash) starts over
     stale = tmp_path / "stale"
     shutil.copytree(out, stale)
-    ck = torch.load(stale / "checkpoints" / "shard0.rank0.pt", weights_only=True)
+    io_ = WorkerCheckpointIO()
+    ck = io_.load_checkpoint(stale / "checkpoints" / "shard0.rank0.pt")
     items = json.loads(ck["items"])
     changed = sorted(items)[0]
     items[changed]["sha256"] = "0" * 64
     ck["items"] = json.dumps(items)
-    torch.save(ck, stale / "checkpoints" / "shard0.rank0.pt")
+    io_.save_checkpoint(ck, stale / "checkpoints" / "shard0.rank0.pt")
     assert main(_args(dataset, stale, model_dir)) == 0
     assert "changed since the checkpoint; it starts over" in (stale / "logs" / "rank0.log").read_text()
     assert_same_as_reference(stale, reference[1], IDS)
     # a checkpoint made with other engine settings is not reused
     other = tmp_path / "other"
     shutil.copytree(out, other)
-    ck = torch.load(other / "checkpoints" / "shard0.rank0.pt", weights_only=True)
+    ck = io_.load_checkpoint(other / "checkpoints" / "shard0.rank0.pt")
     ident = json.loads(ck["identity"])
     ident["slots"] += 1
     ck["identity"] = json.dumps(ident, sort_keys=True)
-    torch.save(ck, other / "checkpoints" / "shard0.rank0.pt")
+    io_.save_checkpoint(ck, other / "checkpoints" / "shard0.rank0.pt")
     assert main(_args(dataset, other, model_dir)) == 0
     assert "ignoring checkpoint" in (other / "logs" / "rank0.log").read_text()
     assert_same_as_reference(other, reference[1], IDS)
@@ -149,7 +151,7 @@ def test_mixed_precision_runs_on_cpu_close_to_fp32(dataset, model_dir, reference
     out = tmp_path / precision
     assert main(_args(dataset, out, model_dir, f"trainer.precision={precision}", "data.num_shards=3")) == 0
     got = read_nulls(out)["img0"]
-    meta = json.loads((out / "img0" / "meta.json").read_text())
+    meta = json.loads((out / "images" / "img0" / "meta.json").read_text())
     assert meta["precision"] == precision and "skipped_steps" in meta["metrics"]
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     ref = reference[1]["img0"]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from nti_lightning.cli import main
 from nti_lightning.data.items import CaptionIndex, Item, iter_items, read_captions
-from nti_lightning.run import ManifestIndex, read_manifest
+from nti_lightning.run import read_manifest
+from nti_lightning.run.records import FAILED, OK, RunIndex, write_legacy_index
 from nti_lightning.run.status import status
 
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
@@ -174,18 +175,15 @@ def test_manifest_index_latest_record_wins_cut_line_ignored(tmp_path):
         ])
     )  # fmt: skip
     records = read_manifest(tmp_path)
-    index = ManifestIndex(tmp_path)
+    s = status(tmp_path)  # a folder from before the index: read from its manifests, nothing written
+    assert s["done"] == 2 and s["failed"] == {"c": "tie: the later line wins", "e": "only"} and s["total"] is None
+    assert not (tmp_path / ".nti").exists()
+    write_legacy_index(tmp_path, sorted(tmp_path.glob("manifest*.jsonl")))  # what the first rerun does
+    index = RunIndex.load(tmp_path)
     assert len(index) == len(records) == 4 and index.get("d") is None and index.get("zzz") is None
     for k, rec in records.items():
-        prev = index.get(k)
-        assert prev.status == rec["status"]
-        assert prev.inversion == (rec["paths"]["inversion"] if rec["status"] == "ok" else None)
-        assert prev.error == (None if rec["status"] == "ok" else rec["error"])
-    assert index.get("c").error == "tie: the later line wins" and index.get("b").status == "ok"
-    assert index.count("ok") == 2 and list(index.failed()) == [("c", "tie: the later line wins"), ("e", "only")]
-    index.close()
-    s = status(tmp_path)
-    assert s["done"] == 2 and s["failed"] == {"c": "tie: the later line wins", "e": "only"} and s["total"] is None
+        assert index.get(k)["status"] == (OK if rec["status"] == "ok" else FAILED)
+    assert index.get("b")["status"] == OK and index.count(OK) == 2
 
 
 def test_iter_items_streams_a_long_list(tmp_path):
@@ -249,7 +247,7 @@ def test_invert_list_files_end_to_end(list_dataset, model_dir, tmp_path, capsys)
     assert errors[f"{lj}:3"].startswith(f"{lj}:3: not valid JSON")
     assert errors["imgs__missing"].startswith(f"{lj}:4: image {d / 'imgs' / 'missing.png'} not found; fix the path")
     assert errors[f"{lj}:5"].startswith(f"{lj}:5: no image path")
-    assert json.loads((out / "progress.json").read_text())["total"] == 7
+    assert json.loads((out / "progress" / "rank0.json").read_text())["total"] == 7
 
     assert main(args) == 3  # a rerun skips everything recorded (the compact manifest index)
     assert "0 inverted, 0 failed, 7 already done" in capsys.readouterr().out

@@ -9,8 +9,9 @@ import pytest
 from run_outputs import assert_same_as_reference, read_nulls
 
 from nti_lightning.cli import EXIT_PREEMPTED, main
+from nti_lightning.jobs.invert import InvertWorker
 from nti_lightning.run import read_manifest
-from nti_lightning.run.worker import Worker
+from nti_lightning.run.records import OK, RecordLog
 
 IDS = ["img0", "img1", "img2", "img3", "img4"]
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
@@ -27,14 +28,14 @@ def _args(dataset, out, model_dir):
 
 def _stop_at_tick(monkeypatch, n: int) -> None:
     """Makes the worker see a SIGTERM after its n-th UNet call (as the signal handler would set it)."""
-    real = Worker.on_event
+    real = InvertWorker.on_event
 
     def on_event(self, event):
         if getattr(event, "number", None) == n:
             self.stop.signum = signal.SIGTERM
         return real(self, event)
 
-    monkeypatch.setattr(Worker, "on_event", on_event)
+    monkeypatch.setattr(InvertWorker, "on_event", on_event)
 
 
 def test_ghost_images_keep_the_resumed_stream_identical(noise_dataset, model_dir, tmp_path, monkeypatch):
@@ -54,16 +55,16 @@ def test_ghost_images_keep_the_resumed_stream_identical(noise_dataset, model_dir
     assert main(_args(noise_dataset, out, model_dir)) == 0  # resume to the end
     assert_same_as_reference(out, reference, IDS)
 
-    # kill -9 after some images finished past the checkpoint: their rows and files exist, the checkpoint is
+    # kill -9 after some images finished past the checkpoint: their records and files exist, the checkpoint is
     # older. The rerun runs them again (same stream for the others) without writing them again.
     before = {r["id"] for r in read_manifest(frozen).values()}
     lines = (out / "manifest.jsonl").read_text().splitlines()
     later = [json.loads(x) for x in lines if json.loads(x)["id"] not in before][:2]
     assert later, "some images must finish after the checkpoint"
-    with open(frozen / "manifest.jsonl", "a") as f:
-        for rec in later:
-            f.write(json.dumps(rec) + "\n")
-            shutil.copytree(out / rec["id"], frozen / rec["id"], dirs_exist_ok=True)
+    log = RecordLog(frozen / "manifest.jsonl", frozen / ".nti/index/rank0.idx", frozen / ".nti/failures/rank0.jsonl")
+    for rec in later:
+        log.append(rec, OK, prompt=rec["prompt"])  # as the killed run committed them
+        shutil.copytree(out / "images" / rec["id"], frozen / "images" / rec["id"], dirs_exist_ok=True)
     assert main(_args(noise_dataset, frozen, model_dir)) == 0
     assert_same_as_reference(frozen, reference, IDS)
     ids = [json.loads(x)["id"] for x in (frozen / "manifest.jsonl").read_text().splitlines()]

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from nti_lightning.cli import EXIT_ALL_FAILED, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_SOME_FAILED, main
-from nti_lightning.run.lock import OutputLock, OutputLockedError
-from nti_lightning.run.worker import Worker
+from nti_lightning.jobs.invert import InvertWorker
 from nti_lightning.store.files import HOST
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = ["img0", "img1", "img2"]
 FAST = ["inversion.num_ddim_steps=2", "inversion.num_inner_steps=1", "inversion.image_size=64",
         "inversion.batch_size=2", "output.compute_baseline=false", "output.save_strip=false",
@@ -43,22 +42,8 @@ def test_a_second_run_on_a_locked_folder_is_refused(noise_dataset, model_dir, tm
         holder.wait()
     # the holder is gone: its lock is stale, taken over, and released at the end
     assert main(_args(noise_dataset, out, model_dir)) == 0
-    assert "taking over the stale lock" in (out / "logs" / "rank0.log").read_text()
-    assert not (out / "locks" / "shard0.lock").exists()
-
-
-def test_lock_from_another_host_is_respected_until_stale(tmp_path):
-    lock = OutputLock(tmp_path)
-    lock.path.parent.mkdir(parents=True)
-    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
-    with pytest.raises(OutputLockedError, match="elsewhere"):
-        lock.acquire(print)
-    old = lock.path.stat().st_mtime - 3600
-    os.utime(lock.path, (old, old))  # no heartbeat for an hour
-    lock.acquire(lambda *_: None)
-    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not lock.path.exists()
+    assert "took over the claim" in (out / "logs" / "rank0.log").read_text()
+    assert not list((out / "locks").glob("*.lock"))
 
 
 def test_every_image_failed_exits_4(noise_dataset, model_dir, tmp_path):
@@ -87,7 +72,7 @@ def test_user_mistakes_are_one_line_with_exit_2(noise_dataset, model_dir, tmp_pa
 
 def test_ctrl_c_saves_and_exits_130_then_resumes(noise_dataset, model_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = Worker.on_event
+    real = InvertWorker.on_event
 
     def on_event(self, event):
         if getattr(event, "number", None) == 3:
@@ -95,7 +80,7 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(noise_dataset, model_dir, tmp_p
         return real(self, event)
 
     with monkeypatch.context() as m:
-        m.setattr(Worker, "on_event", on_event)
+        m.setattr(InvertWorker, "on_event", on_event)
         assert main(_args(noise_dataset, out, model_dir)) == EXIT_INTERRUPTED
     assert (out / "checkpoints" / "shard0.rank0.pt").is_file()
     assert "interrupted" in (out / "logs" / "rank0.log").read_text()
@@ -106,7 +91,7 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(noise_dataset, model_dir, tmp_p
 def test_outputs_are_readable_and_config_paths_absolute(noise_dataset, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(_args(noise_dataset, Path("rel-out"), model_dir)) == 0
-    inv = tmp_path / "rel-out" / "img0" / "inversion.safetensors"
+    inv = tmp_path / "rel-out" / "images" / "img0" / "inversion.safetensors"
     umask = os.umask(0)
     os.umask(umask)
     assert inv.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -195,25 +180,25 @@ def test_caption_coverage_messages():
 
 
 def test_ranks_whose_images_failed_still_completed(tmp_path):
-    from nti_lightning.config import load_config
+    from nti_lightning.jobs.invert import summary_path
+    from nti_lightning.run.folder import WorkerId
     from nti_lightning.run.launch import RankFailedError, merge_rank_summaries, settle_ranks
-    from nti_lightning.run.outputs import RunSummary
-    from nti_lightning.run.worker import summary_path
+    from nti_lightning.run.summary import RunSummary
 
-    cfg = load_config(None, [f"output.dir={tmp_path}"])
     (tmp_path / "logs").mkdir()
     mine = RunSummary(output=tmp_path, n_done=2)
     other = RunSummary(output=tmp_path, n_done=1, n_failed=1, rank=1, failed=[{"id": "x", "status": "failed"}])
-    other.save(summary_path(tmp_path, cfg, 1))
+    paths = {r: summary_path(tmp_path, WorkerId(rank=r, world=3)) for r in (1, 2)}
+    other.save(paths[1])
     settle_ranks(mine, {1: EXIT_SOME_FAILED, 2: EXIT_ALL_FAILED})  # finished their shares: not an error
     with pytest.raises(RankFailedError):
         settle_ranks(mine, {1: 1})
-    merge_rank_summaries(mine, cfg, [1, 2], since=0.0)  # rank 2 left no summary
+    merge_rank_summaries(mine, paths, since=0.0)  # rank 2 left no summary
     assert (mine.n_done, mine.n_failed, mine.failed[0]["id"], mine.rank) == (3, 1, "x", 0)
 
 
 def test_the_table_is_printed_once(noise_dataset, model_dir, tmp_path, capsys):
-    from nti_lightning.run.outputs import format_header
+    from nti_lightning.jobs.invert_outputs import format_header
 
     args = [a for a in _args(noise_dataset, tmp_path / "out", model_dir) if a != "--quiet"]
     assert main([*args, "output.progress_bar=false"]) == 0
