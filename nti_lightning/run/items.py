@@ -12,6 +12,7 @@ import torch
 
 from nti_lightning.data.image import ImageError, prepare_image
 from nti_lightning.data.items import Item
+from nti_lightning.data.shards import read_sample
 from nti_lightning.store.manifest import ManifestIndex
 
 
@@ -31,10 +32,13 @@ def lost_inversions(out_dir: Path, previous: ManifestIndex, item_id: str) -> boo
 
 
 def decode(item: Item, size: int) -> torch.Tensor | Exception:
-    """The item's pixels (3, size, size) in [-1, 1], or the error that names the file and the fix."""
+    """The item's pixels (3, size, size) in [-1, 1], or the error that names the file (``SHARD:KEY``) and the fix."""
     try:
         if item.error:
             raise ValueError(item.error)
+        if item.key is not None:  # a shard sample: its bytes, read with it or (restored from a checkpoint) again
+            data = item.data if item.data is not None else read_sample(item)
+            return prepare_image(data, size, name=item.label)
         if item.where is not None and not os.path.isfile(item.path):
             raise ImageError(
                 f"{item.where}: image {item.path} not found; fix the path (relative paths are relative to the "

@@ -30,6 +30,7 @@ import torch
 from nti_lightning.api import image_size_for
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
 from nti_lightning.data.items import SAMPLES_DIR, Item, caption_coverage, iter_items, read_captions
+from nti_lightning.data.shards import is_shard_pattern
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.slots import Admission, Failed, SlotEngine, Tick
@@ -203,12 +204,12 @@ class Worker:
         for w in warnings:
             self.warn(w)
         for path in self.images:
-            if not os.path.exists(path):
+            if not os.path.exists(path) and not is_shard_pattern(path):  # a pattern's shards: list_shards checks
                 raise FileNotFoundError(f"input {path} does not exist; fix --images (or data.images)")
         total = self.n_todo = uncaptioned = 0
         self.skipped_failed = 0
         example = None
-        for k, item in enumerate(iter_items(self.images, self.captions, self.cfg.data.default_prompt)):
+        for k, item in enumerate(iter_items(self.images, self.captions, *self.item_options())):
             total += 1
             if item.error is None and not item.captioned and item.prompt == self.cfg.data.default_prompt:
                 uncaptioned += 1
@@ -233,6 +234,10 @@ class Worker:
         if total == 0:
             raise FileNotFoundError(f"no images found in {', '.join(self.images)}; give image files, folders or lists")
 
+    def item_options(self) -> tuple:
+        d = self.cfg.data
+        return d.default_prompt, d.caption_column, d.image_column
+
     def already_done(self, item: Item) -> bool:
         prev = self.previous.get(item.id)
         if prev is None:
@@ -248,7 +253,7 @@ class Worker:
 
     def pending(self) -> Iterator[tuple[int, Item]]:
         """Pass 2: this worker's items still to do, in stream order, with their prompts."""
-        for k, item in enumerate(iter_items(self.images, self.captions, self.cfg.data.default_prompt)):
+        for k, item in enumerate(iter_items(self.images, self.captions, *self.item_options())):
             if not is_mine(k, self.shard, self.num_shards, self.rank, self.world) or item.id in self.resumed:
                 continue
             if self.already_done(item) and not self.is_ghost(item.id):
@@ -306,7 +311,7 @@ class Worker:
     def save_checkpoint(self) -> None:
         self.flush()
         items = {
-            i: {"item": asdict(it), "sha256": sha}
+            i: {"item": asdict(replace(it, data=None)), "sha256": sha}  # a shard item's bytes: read again
             for i, (it, _, _, sha) in self.inflight.items()
             if i in self.engine.tags
         }
