@@ -381,3 +381,12 @@ def test_prepare_image_from_bytes_matches_the_file(tmp_path):
         prepare_image(data[: len(data) // 2], 64, name="s.tar:cut")
     with pytest.raises(ImageError, match=r"^image bytes: not an image Pillow can read"):
         prepare_image(b"\x00" * 100, 64)
+
+
+def test_a_whole_parquet_file_as_one_shard(tmp_path):
+    """``row_group=None`` (what listing gives a file whose footer it could not read) reads every row group."""
+    path = tmp_path / "w.parquet"
+    write_parquet(path, {"image": hf_rows(5), "prompt": list("abcde")}, row_group_size=2)
+    whole = ShardRef("parquet", str(path))
+    assert shard_size(whole) == 5
+    assert [it.id for it in iter_shard(whole)] == [it.id for r in list_shards([str(path)]) for it in iter_shard(r)]
