@@ -52,6 +52,8 @@ def test_tar_folder_gives_stem_key_ids_captions_and_bytes(img2dataset, caplog):
         assert it.where == f"{d / it.id[:5]}.tar:{it.key}" and it.label == it.where and it.path.endswith(".tar")
     assert {samples[it.key]["ext"] for it in items} == {"jpg", "png", "webp"}
     assert [shard_size(r) for r in refs] == [3, 2]
+    by_json = [it.prompt for it in iter_shard(refs[1], caption_column="url")]  # a .json field, over the .txt
+    assert by_json == [f"https://example.com/{k}" for k in samples if k.startswith("00001")]
     again = [(it.id, it.prompt, it.data) for r in list_shards([str(d)]) for it in iter_shard(r)]
     assert again == [(it.id, it.prompt, it.data) for it in items]  # stable order
 
