@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     inv = sub.add_parser("invert", help="invert a folder or list of images (default: the bundled samples)")
-    inv.add_argument("--images", nargs="+", default=None, help="files, folders (recursive) or .jsonl/.csv/.txt lists")
+    inv.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="files, folders (recursive), .jsonl/.csv/.txt lists, .tar/.parquet shards, folders of them or "
+        "brace patterns ('shards/{00000..00099}.tar')",
+    )
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
     inv.add_argument(

@@ -196,9 +196,20 @@ class DataConfig:
     list of images read line by line: rows with ``image`` (a path, relative to the list file's folder) and an
     optional ``prompt`` that wins over ``captions``; a ``.txt`` file has one path per line. Lists are the way
     to feed millions of images (nothing is scanned or held in memory); a bad row is recorded as failed with
-    the list file and line. Empty = the bundled sample images."""
+    the list file and line. Dataset shards are read in place: WebDataset ``.tar`` shards (img2dataset's
+    ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``), brace patterns (``shards/{00000..00999}.tar``), ``.parquet``
+    files (an image column of ``{bytes, path}`` structs or bytes) and folders of them; a sample's id is
+    ``<shard name>/<key>`` (``nti_lightning.data.shards``). Empty = the bundled sample images."""
     captions: str | None = None
-    """JSONL or CSV with columns ``image`` and ``prompt``; None = a captions file next to the samples."""
+    """JSONL or CSV with columns ``image`` and ``prompt``; None = a captions file next to the samples. For
+    shard samples a row matches the sample's id or key, and wins over the sample's own caption."""
+    caption_column: str | None = None
+    """Where a shard sample's caption is: a Parquet column, or for a tar sample a member extension
+    (``KEY.<name>``) or a field of its ``KEY.json``. None = the first of ``prompt``, ``caption``, ``text`` that
+    exists (for tar after ``KEY.txt``)."""
+    image_column: str | None = None
+    """The image column of Parquet shards; None = ``image``, else the only column of ``{bytes, path}``
+    structs or bytes (several such columns: set this)."""
     default_prompt: str | None = None
     """Prompt for images without a caption row; None = such images fail with a clear message."""
     shard_index: int = 0

@@ -6,6 +6,7 @@ model's size, then x / 127.5 − 1 → [-1, 1].
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -25,8 +26,13 @@ class ImageError(ValueError):
     """An input image that cannot be inverted; the message names the file and what to do."""
 
 
-def load_image(src: str | Path | Image.Image | np.ndarray, name: str | None = None) -> Image.Image:
-    """Any supported input → 8-bit RGB PIL image. Raises ``ImageError`` with the file name and a fix."""
+def load_image(src: str | Path | bytes | Image.Image | np.ndarray, name: str | None = None) -> Image.Image:
+    """Any supported input → 8-bit RGB PIL image. Raises ``ImageError`` with the file name and a fix.
+
+    ``bytes`` are an encoded image held in memory (a member of a tar shard, a Parquet cell), checked and
+    decoded exactly like a file; ``name`` then says where they came from (``SHARD:KEY``)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(src), name or "image bytes")
     label = name or (str(src) if isinstance(src, (str, Path)) else type(src).__name__)
     if isinstance(src, np.ndarray):
         return _array_to_rgb(src, label)
@@ -35,10 +41,15 @@ def load_image(src: str | Path | Image.Image | np.ndarray, name: str | None = No
     path = Path(src)
     if not path.is_file():
         raise ImageError(f"{label}: file not found")
+    return _decode(path, label)
+
+
+def _decode(fp: Path | io.BytesIO, label: str) -> Image.Image:
+    """Opens, checks and decodes an encoded image (a path or an in-memory file)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{label}: {w}×{h} pixels is too large to decode safely; downscale it first")
@@ -122,5 +133,6 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
 
 
 def prepare_image(src, size: int, name: str | None = None) -> torch.Tensor:
-    """Load + centre crop + resize + normalise: any supported input → (3, size, size) in [-1, 1]."""
+    """Load + centre crop + resize + normalise: any supported input (a path, encoded ``bytes``, a PIL image,
+    an array) → (3, size, size) in [-1, 1]."""
     return image_to_tensor(center_crop_resize(load_image(src, name), size))

@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,12 +49,17 @@ class Item:
     path: str
     prompt: str | None
     error: str | None = None  # set when the item is known bad before loading (duplicate id, caption problem)
-    where: str | None = None  # "LIST:LINE" for an item read from a list file
+    where: str | None = None  # "LIST:LINE" for an item read from a list file, "SHARD:KEY" for a shard sample
     captioned: bool = False  # its prompt came from the captions file
+    data: bytes | None = field(default=None, repr=False)  # a shard sample's encoded image, read with it
+    key: str | None = None  # a shard sample's key in its shard (``path``): how it is found again (``shards``)
 
     @property
     def label(self) -> str:
-        """How messages name the item: its path, and for a list row the list file and line."""
+        """How messages name the item: its path, for a list row the list file and line, for a shard sample
+        ``SHARD:KEY``."""
+        if self.key is not None:
+            return self.where or f"{self.path}:{self.key}"
         return self.path if self.where is None else f"{self.path} ({self.where})"
 
 
@@ -291,19 +296,37 @@ def _list_rel(written: str) -> str:
 
 
 def iter_items(
-    inputs: list[str], captions: Mapping[str, list] | None, default_prompt: str | None = None
+    inputs: list[str],
+    captions: Mapping[str, list] | None,
+    default_prompt: str | None = None,
+    caption_column: str | None = None,
+    image_column: str | None = None,
 ) -> Iterator[Item]:
     """Items in input order: folders recursively (sorted), files, and the rows of list files (``.jsonl`` /
     ``.csv`` with ``image`` and optional ``prompt``; ``.txt`` one path per line; relative to the list's
     folder). A list row's prompt wins; otherwise captions are looked up by relative path, path with suffix,
     file name and id; otherwise ``default_prompt``. Duplicate ids, ambiguous captions and bad list rows become
     items with an error. Lazy: nothing is read ahead, and the ids seen so far are kept in a temporary SQLite
-    database, so memory does not grow with the number of items. Image files are not opened or checked here."""
+    database, so memory does not grow with the number of items. Image files are not opened or checked here.
+
+    Tar and Parquet shards (``.tar``/``.parquet`` files, brace patterns, folders of shards; see
+    ``nti_lightning.data.shards``) give their samples in shard order, each with its image bytes (``Item.data``),
+    its caption from the sample (``caption_column``) unless ``captions`` has a row for it, and the id
+    ``<shard name>/<key>``."""
+    from nti_lightning.data import shards  # it builds on Item: imported here, not at the top
+
     seen = temp_db()
     seen.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, path TEXT NOT NULL) WITHOUT ROWID")
     cur = seen.cursor()
+    shard_names: dict[str, set] = {}  # the shards of earlier inputs: a shard's ids never collide
     try:
         for inp in inputs:
+            if shards.is_shard_input(inp):  # its ids hold a "/", a file's never do: no check against `seen`
+                refs = shards.list_shards([inp], image_column)
+                shards.check_names(refs, shard_names)
+                for ref in refs:
+                    yield from shards.iter_shard(ref, captions, default_prompt, caption_column, None, image_column)
+                continue
             root = Path(inp)
             if root.is_dir():
                 found: Iterator[_Entry | Item] = _scan(root)

@@ -32,6 +32,7 @@ import torch
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
 from nti_lightning.data.ids import UnsafeIdError, check_id
 from nti_lightning.data.items import Item, caption_coverage, iter_items, read_captions
+from nti_lightning.data.shards import is_shard_pattern
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.slots import Admission, Failed, SlotEngine, Tick
@@ -167,7 +168,9 @@ class InvertWorker:
 
     def items(self):
         """The input stream in a stable order (every rank sees the same), each id checked for safety."""
-        for k, item in enumerate(iter_items(self.images, self.captions, self.cfg.data.default_prompt)):
+        d = self.cfg.data
+        for k, item in enumerate(iter_items(self.images, self.captions, d.default_prompt, d.caption_column,
+                                            d.image_column)):  # fmt: skip
             if item.error is None:
                 try:
                     check_id(item.id, item.label)
@@ -291,8 +294,10 @@ class InvertWorker:
 
     def save_checkpoint(self) -> None:
         self.flush()
-        items = {
-            i: {"item": asdict(it), "sha256": sha} for i, (it, _, sha) in self.inflight.items() if i in self.engine.tags
+        items = {  # a shard sample's bytes are not kept: it is read again from its shard
+            i: {"item": asdict(replace(it, data=None)), "sha256": sha}
+            for i, (it, _, sha) in self.inflight.items()
+            if i in self.engine.tags
         }
         ckpt.save_checkpoint(
             self.fabric.strategy.checkpoint_io,
@@ -427,7 +432,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     folder, and every rank sees the same paths whatever its working directory."""
 
     def absolute(p: str | None) -> str | None:
-        return None if p is None or ("{" in p and "}" in p) else str(Path(p).expanduser().resolve())
+        return None if p is None or is_shard_pattern(p) else str(Path(p).expanduser().resolve())
 
     images = [absolute(p) or p for p in cfg.data.images] if cfg.data.images else cfg.data.images
     data = replace(cfg.data, images=images, captions=absolute(cfg.data.captions))

@@ -24,6 +24,7 @@ import torch
 from nti_lightning.config import RunConfig
 from nti_lightning.data.image import ImageError, prepare_image
 from nti_lightning.data.items import SAMPLES_DIR, Item
+from nti_lightning.data.shards import is_shard_pattern, read_sample
 
 # settings that change how fast a run goes, not what it computes (batch_invariant: bits, not results)
 NOT_IDENTITY = ("batch_size", "slots", "batch_invariant")
@@ -46,7 +47,7 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], str | None]:
     naming it — raised before the folder is touched."""
     images, captions = resolve_inputs(cfg)
     for path in images:
-        if not os.path.exists(path) and not ("{" in path and "}" in path):  # a brace pattern names shards
+        if not os.path.exists(path) and not is_shard_pattern(path):  # a pattern's shards: list_shards checks them
             raise FileNotFoundError(f"input {path} does not exist; fix --images (or data.images)")
     if captions is not None and not Path(captions).is_file():
         raise FileNotFoundError(f"captions file {captions} does not exist; fix --captions (or data.captions)")
@@ -95,13 +96,15 @@ def decode(item: Item, size: int) -> torch.Tensor | Exception:
     try:
         if item.error:
             raise ValueError(item.error)
-        data = getattr(item, "data", None)
-        if data is None and item.where is not None and not os.path.isfile(item.path):
+        if item.key is not None:  # a shard sample: its bytes, read with it or (restored from a checkpoint) again
+            data = item.data if item.data is not None else read_sample(item)
+            return prepare_image(data, size, name=item.label)
+        if item.where is not None and not os.path.isfile(item.path):
             raise ImageError(
                 f"{item.where}: image {item.path} not found; fix the path (relative paths are relative to the "
                 "list file's folder) or remove the row"
             )
-        return prepare_image(data if data is not None else item.path, size, name=item.label)
+        return prepare_image(item.path, size, name=item.label)
     except (ImageError, ValueError, OSError) as e:
         return e
 
