@@ -10,7 +10,6 @@ import pytest
 import torch
 from oracles import assert_nti_beats_cfg
 from run_outputs import assert_same_as_reference, read_nulls
-from safetensors.torch import load_file
 from test_scaleout import _args, _spawn, _wait_for
 
 from nti_lightning import invert, load_inversion, load_model, save_inversion
@@ -19,6 +18,7 @@ from nti_lightning.cli import main
 from nti_lightning.models.family import SDXLFamily
 from nti_lightning.models.loading import ASSETS_DIR
 from nti_lightning.p2p import edit
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 
 T = 10  # small to keep the test short (ratio ≈ 5× here); docs/tiny_model.md: T = 20, ≥ 17×
 IMAGE, PROMPT = ASSETS_DIR / "samples" / "cat.png", "a photo of a cat"
@@ -71,7 +71,7 @@ def test_nti_beats_ddim_with_guidance(sdxl, inverted, reconstruction):
 
 def test_save_load_reconstruct_round_trip(sdxl, inverted, reconstruction, tmp_path, tiny_model):
     assert inverted.meta["family"] == "sdxl" and set(inverted.null_extra) == {"text_embeds"}
-    path = save_inversion(tmp_path / "cat", inverted)
+    path = save_inversion(tmp_path / "cat", inverted, codec=LOSSLESS_CODEC)
     back = load_inversion(path, sdxl)
     assert torch.equal(back.null_extra["text_embeds"], inverted.null_extra["text_embeds"])
     assert torch.equal(reconstruction_latents(sdxl, [back]), reconstruction)
@@ -135,5 +135,5 @@ def test_kill_9_resume_is_bit_identical(noise_dataset, tmp_path):
     assert "resuming " in (out / "logs" / "rank0.log").read_text()  # from the killed run's checkpoint
     assert_same_as_reference(out, reference, IDS)
     for k in IDS:
-        a = load_file(ref / k / "inversion.safetensors")["null_embeddings.text_embeds"]
-        assert torch.equal(a, load_file(out / k / "inversion.safetensors")["null_embeddings.text_embeds"])
+        a = load_inversion(ref / k / "inversion.safetensors").null_extra["text_embeds"]
+        assert torch.equal(a, load_inversion(out / k / "inversion.safetensors").null_extra["text_embeds"])

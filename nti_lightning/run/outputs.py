@@ -101,7 +101,7 @@ def write_group(model, cfg, out_dir: Path, group: list[Done], runtime, record) -
         rel = item_relpath(it.id, cfg.output.subdirs)
         folder = out_dir / rel
         inv.meta.update(image={"id": it.id, "source": it.path})
-        save_inversion(folder / "inversion.safetensors", inv)
+        save_inversion(folder / "inversion.safetensors", inv, codec=cfg.output.codec)
         metrics = {
             method: {"vs_input": image_metrics(nti_img[k], px), "vs_vae": image_metrics(nti_img[k], vae_img[k])},
             "vae_roundtrip_vs_input": image_metrics(vae_img[k], px),
