@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from nti_lightning.run import read_manifest
+from nti_lightning.store.inversion import load_inversion
 
 
 def read_nulls(out) -> dict[str, torch.Tensor]:
     """id → null embeddings (T, L, D) of every image recorded "ok" in ``out``'s manifests."""
     ok = {k: r for k, r in read_manifest(out).items() if r["status"] == "ok"}
-    return {k: load_file(out / r["paths"]["inversion"])["null_embeddings"] for k, r in ok.items()}
+    return {k: load_inversion(out / r["paths"]["inversion"]).null_embeddings for k, r in ok.items()}
 
 
 def assert_same_as_reference(out, reference: dict[str, torch.Tensor], ids: list[str]) -> None:

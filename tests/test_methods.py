@@ -11,6 +11,7 @@ from nti_lightning.config import ConfigError, InversionConfig, load_config
 from nti_lightning.data.image import prepare_image
 from nti_lightning.engine.slots import Admission, Finished, SlotEngine
 from nti_lightning.p2p import edit
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 
 PROMPT, TARGET = "a red ball on green grass", "a red apple on green grass"
 FAST = dict(num_ddim_steps=5)
@@ -103,7 +104,7 @@ def test_proxnpi_reconstructs_as_npi_and_edits_with_proximal_guidance(tiny_model
 def test_method_is_recorded_and_round_trips(tiny_model, records, method, tmp_path):
     inv = records[method]
     assert inv.method == method and inv.meta["hyperparameters"]["method"] == method
-    loaded = load_inversion(save_inversion(tmp_path / method, inv), tiny_model)
+    loaded = load_inversion(save_inversion(tmp_path / method, inv, codec=LOSSLESS_CODEC), tiny_model)
     assert loaded.method == method and loaded.meta == inv.meta
     for name in ("z_T", "null_embeddings", "trajectory", "corrections"):
         a, b = getattr(inv, name), getattr(loaded, name)

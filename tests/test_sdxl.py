@@ -21,6 +21,7 @@ from nti_lightning.models import load_model, model_from_components
 from nti_lightning.models.detect import ModelFolderError
 from nti_lightning.models.family import SDXLFamily
 from nti_lightning.models.tiny import build_random_family_components
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 from nti_lightning.store.inversion import load_inversion, save_inversion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one intra-op thread
@@ -157,7 +158,7 @@ def test_default_optimises_prompt_embeds_and_pooled_and_round_trips(tmp_path, sd
     null = sdxl.family.null(sdxl)
     assert not torch.equal(inv.null_extra["text_embeds"][-1], null["text_embeds"][0])  # it moved
     assert inv.null(0, sdxl)["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]  # not optimised: the null's at 64 px
-    loaded = load_inversion(save_inversion(tmp_path / "inv", inv), sdxl)
+    loaded = load_inversion(save_inversion(tmp_path / "inv", inv, codec=LOSSLESS_CODEC), sdxl)
     assert torch.equal(loaded.null_extra["text_embeds"], inv.null_extra["text_embeds"])
     assert torch.equal(reconstruction_latents(sdxl, [loaded]), reconstruction_latents(sdxl, [inv]))
 

@@ -12,6 +12,7 @@ from nti_lightning.engine.reference import baseline_invert
 from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine, Tick
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import build_random_components
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 from nti_lightning.store.inversion import IncompatibleInversionError
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "coffee"]
@@ -210,7 +211,7 @@ def test_replay_lands_on_the_optimisations_z0(tiny_model, sample_images):
 
 def test_save_load_reconstruct_equals_in_memory(random_model, sample_images, tmp_path):
     [inv] = invert(random_model, sample_images[:1], PROMPTS[:1], num_inner_steps=2, **FAST)
-    path = save_inversion(tmp_path / "x", inv)
+    path = save_inversion(tmp_path / "x", inv, codec=LOSSLESS_CODEC)
     assert path.suffix == ".safetensors" and not list(tmp_path.glob("*.tmp"))
     loaded = load_inversion(path, model=random_model)
     for name in ("z_T", "null_embeddings", "timesteps", "pivot_z0", "inner_steps"):

@@ -11,6 +11,7 @@ from nti_lightning import invert, load_inversion, load_model, save_inversion
 from nti_lightning.api import reconstruction_latents
 from nti_lightning.models.loading import ASSETS_DIR
 from nti_lightning.p2p import edit
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 
 T, SIZE = 10, 64  # small to keep the test short (ratio ≈ 8× here); docs/tiny_model.md: T = 20, 128 px, ≥ 44×
 IMAGE, PROMPT = ASSETS_DIR / "samples" / "cat.png", "a photo of a cat"
@@ -59,7 +60,7 @@ def test_nti_beats_ddim_with_guidance(sd2v, inverted, reconstruction):
 def test_record_names_family_and_round_trips(sd2v, inverted, tmp_path, tiny_model):
     assert inverted.meta["family"] == "sd2-v" and inverted.meta["prediction_type"] == "v_prediction"
     assert inverted.meta["scheduler"]["prediction_type"] == "v_prediction"
-    path = save_inversion(tmp_path / "cat", inverted)
+    path = save_inversion(tmp_path / "cat", inverted, codec=LOSSLESS_CODEC)
     back = load_inversion(path, sd2v)
     assert torch.equal(back.null_embeddings, inverted.null_embeddings) and back.null_embeddings.shape[-1] == 48
     with pytest.raises(ValueError, match="family sd2-v"):

@@ -13,7 +13,6 @@ from run_outputs import assert_same_as_reference, read_nulls
 from run_outputs import invert_args as _args
 from run_outputs import spawn_invert as _spawn
 from run_outputs import wait_for as _wait_for
-from safetensors.torch import load_file
 
 from nti_lightning import invert, load_inversion, load_model, save_inversion
 from nti_lightning.api import reconstruction_latents
@@ -21,6 +20,7 @@ from nti_lightning.cli import main
 from nti_lightning.models.family import SDXLFamily
 from nti_lightning.models.loading import ASSETS_DIR
 from nti_lightning.p2p import edit
+from nti_lightning.store.codec_names import LOSSLESS_CODEC
 
 T = 10  # small to keep the test short (ratio ≈ 5× here); docs/tiny_model.md: T = 20, ≥ 17×
 IMAGE, PROMPT = ASSETS_DIR / "samples" / "cat.png", "a photo of a cat"
@@ -73,7 +73,7 @@ def test_nti_beats_ddim_with_guidance(sdxl, inverted, reconstruction):
 
 def test_save_load_reconstruct_round_trip(sdxl, inverted, reconstruction, tmp_path, tiny_model):
     assert inverted.meta["family"] == "sdxl" and set(inverted.null_extra) == {"text_embeds"}
-    path = save_inversion(tmp_path / "cat", inverted)
+    path = save_inversion(tmp_path / "cat", inverted, codec=LOSSLESS_CODEC)
     back = load_inversion(path, sdxl)
     assert torch.equal(back.null_extra["text_embeds"], inverted.null_extra["text_embeds"])
     assert torch.equal(reconstruction_latents(sdxl, [back]), reconstruction)
@@ -137,5 +137,5 @@ def test_kill_9_resume_is_bit_identical(noise_dataset, tmp_path):
     assert "resuming " in (out / "logs" / "rank0.log").read_text()  # from the killed run's checkpoint
     assert_same_as_reference(out, reference, IDS)
     for k in IDS:
-        a = load_file(ref / "images" / k / "inversion.safetensors")["null_embeddings.text_embeds"]
-        assert torch.equal(a, load_file(out / "images" / k / "inversion.safetensors")["null_embeddings.text_embeds"])
+        a = load_inversion(ref / "images" / k / "inversion.safetensors").null_extra["text_embeds"]
+        assert torch.equal(a, load_inversion(out / "images" / k / "inversion.safetensors").null_extra["text_embeds"])

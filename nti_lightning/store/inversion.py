@@ -5,6 +5,11 @@ identity, scheduler, hyperparameters, method). Written atomically (temp file + r
 (``inverters.py``) gives this one record kind; ``meta["method"]`` says which (files without it are "nti"),
 ``meta["sampling"]`` what reconstruction and editing apply besides guidance (``step_guidance.py``), and the
 optional tensors what that needs (the pivot for proxnpi, the per-step corrections for direct).
+
+∅_t goes through a storage codec (``codec.py``, docs/storage.md): format 2 holds each of its fields as a
+uint8 tensor of encoded bytes, with the codec's info in the record's "codecs", and the optional trajectory
+and corrections the same way through the exact codec; codec "fp32" writes format 1, every tensor as it is
+(the files from before codecs). Both are read. Everything but ∅_t stays exact.
 """
 
 from __future__ import annotations
@@ -16,16 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
+from nti_lightning.store.codec import CodecError, decode, encode
+from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC
 from nti_lightning.store.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Records with ∅_t through a codec; ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
+RAW_FORMAT_VERSION = 1
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
 OPTIONAL_TENSOR_FIELDS = ("trajectory", "corrections")
 NULL_EXTRA_PREFIX = "null_embeddings."
 """File names of ``Inversion.null_extra``: "null_embeddings.text_embeds", …"""
+EXACT_NULL_KEYS = ("time_ids",)
+"""``null_extra`` keys kept exact whatever the codec: SDXL's 6 pixel sizes per step feed sinusoidal
+embeddings, where bf16's step (8 at 1024) would move them; they are 24 bytes a step."""
 
 
 class IncompatibleInversionError(ValueError):
@@ -89,14 +101,9 @@ class Inversion:
         return model.family.at_size(self.meta.get("image_size"))
 
 
-def save_inversion(path: str | os.PathLike, inv: Inversion, tmp_dir: Path | None = None) -> Path:
-    """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically (``store.files.atomic_write``;
-    ``tmp_dir``: a run worker's temporary folder)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
+def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC) -> bytes:
+    """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``)."""
+    # 1. own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
         name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
         for name in TENSOR_FIELDS + OPTIONAL_TENSOR_FIELDS
@@ -104,33 +111,96 @@ def save_inversion(path: str | os.PathLike, inv: Inversion, tmp_dir: Path | None
     }
     for key, value in inv.null_extra.items():
         tensors[NULL_EXTRA_PREFIX + key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
-    record = {"format_version": FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
-    data = save(tensors, metadata={"nti_lightning": json.dumps(record)})
-    return atomic_write(path, data, tmp_dir)
+    record: dict[str, Any] = {"format_version": RAW_FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
+    # 2. as encoded bytes (format 2): ∅_t's fields through the codec, the optional fields through the exact
+    #    one; codec "fp32" keeps the format-1 layout
+    if codec != RAW_CODEC:
+        nulls = ["null_embeddings"] + [NULL_EXTRA_PREFIX + k for k in inv.null_extra if k not in EXACT_NULL_KEYS]
+        codecs = {name: field_codec(tensors[name], codec) for name in nulls}
+        codecs.update({name: LOSSLESS_CODEC for name in OPTIONAL_TENSOR_FIELDS if name in tensors})
+        infos = {}
+        for name, field in codecs.items():
+            data, infos[name] = encode(tensors[name], field)
+            tensors[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (n_bytes,)
+        record.update(format_version=FORMAT_VERSION, codecs=infos)
+    return save(tensors, metadata={"nti_lightning": json.dumps(record)})
 
 
-def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
-    """Reads an inversion; with ``model`` given, checks it was made with that model and scheduler."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"inversion file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if "nti_lightning" not in header:
-            raise ValueError(f"{path} is a safetensors file but not an nti_lightning inversion")
-        record = json.loads(header["nti_lightning"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {record.get('format_version')} is not {FORMAT_VERSION}")
+def field_codec(x: torch.Tensor, codec: str) -> str:
+    """``codec`` for a (T, …) field of ∅_t, or ``LOSSLESS_CODEC`` where every row is the first: the methods
+    whose ∅_t is a fixed null (ddim, direct: ψ(""); npi, proxnpi: ψ(P)) keep it bit for bit — Direct
+    Inversion's corrections are exact only against it — at the size of one row, as the lossy codecs cost."""
+    return LOSSLESS_CODEC if torch.equal(x, x[:1].expand_as(x)) else codec
+
+
+def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
+    """The ``Inversion`` in a .safetensors file's bytes (format 1 or 2); errors name ``label`` (the file)."""
+    # 1. the record, from the header (safetensors' load(bytes) returns the tensors without the metadata)
+    record = _header_record(data, label)
+    if record.get("format_version") not in (RAW_FORMAT_VERSION, FORMAT_VERSION):
+        raise ValueError(
+            f"{label}: format version {record.get('format_version')} is not one this version reads "
+            f"({RAW_FORMAT_VERSION}, {FORMAT_VERSION}); upgrade nti_lightning"
+        )
+    try:
+        tensors = load(data)
+    except SafetensorError as e:
+        raise ValueError(f"{label}: the tensors do not read ({e}); the file is damaged: re-invert the image") from e
+    # 2. ∅_t's encoded fields back to float32
+    for name, info in record.get("codecs", {}).items():
+        try:
+            tensors[name] = decode(tensors[name].numpy().tobytes(), info)
+        except (CodecError, KeyError) as e:
+            raise ValueError(
+                f"{label}: field {name!r} ({info.get('codec')}) is corrupt: {e}; the file is damaged: "
+                "re-invert the image"
+            ) from e
+    # 3. the record
     optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
     extra = {k[len(NULL_EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(NULL_EXTRA_PREFIX)}
-    inv = Inversion(
+    return Inversion(
         prompt=record["prompt"],
         meta=record["meta"],
         **{k: tensors[k] for k in TENSOR_FIELDS},
         **optional,
         null_extra=extra,
     )
+
+
+def _header_record(data: bytes, label: str) -> dict[str, Any]:
+    """The nti_lightning record in a safetensors header: 8 bytes little-endian length, then JSON."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        header = json.loads(data[8 : 8 + n]) if 0 <= n <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{label} is not a safetensors file (its header does not read; truncated?)")
+    metadata = header.get("__metadata__") or {}
+    if "nti_lightning" not in metadata:
+        raise ValueError(f"{label} is a safetensors file but not an nti_lightning inversion")
+    return json.loads(metadata["nti_lightning"])
+
+
+def save_inversion(
+    path: str | os.PathLike, inv: Inversion, codec: str = DEFAULT_CODEC, tmp_dir: Path | None = None
+) -> Path:
+    """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically (``store.files.atomic_write``;
+    ``tmp_dir``: a run worker's temporary folder), ∅_t through ``codec`` (default: ``DEFAULT_CODEC``,
+    docs/storage.md; "fp32" the format-1 file, ``LOSSLESS_CODEC`` exact)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    return atomic_write(path, inversion_to_bytes(inv, codec), tmp_dir)
+
+
+def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
+    """Reads an inversion (format 1 or 2); with ``model`` given, checks it was made with that model and
+    scheduler."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inversion file {path} does not exist")
+    inv = inversion_from_bytes(path.read_bytes(), label=str(path))
     if model is not None:
         check_compatible(inv, model, label=str(path))
     return inv

@@ -14,9 +14,11 @@ from nti_lightning.run import read_manifest
 from nti_lightning.run.records import OK, RecordLog
 
 IDS = ["img0", "img1", "img2", "img3", "img4"]
+# the exact codec: runs are compared bit for bit
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=2", "output.compute_baseline=false", "output.save_strip=false",
-        "output.checkpoint_every_s=3600", "trainer.accelerator=cpu"]  # fmt: skip
+        "output.checkpoint_every_s=3600", "trainer.accelerator=cpu",
+        "output.codec=fp32-delta-zstd"]  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

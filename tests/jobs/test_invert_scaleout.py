@@ -23,9 +23,11 @@ from nti_lightning.run.checkpoint import WorkerCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = ["img0", "img1", "img2"]
+# the exact codec: runs are compared bit for bit
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
-        "output.checkpoint_every_s=0", "trainer.accelerator=cpu"]  # fmt: skip
+        "output.checkpoint_every_s=0", "trainer.accelerator=cpu",
+        "output.codec=fp32-delta-zstd"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -29,9 +29,11 @@ from nti_lightning.store.files import item_relpath
 ROOT = Path(__file__).resolve().parents[2]
 IDS = ["img0", "img1", "img2", "img3"]
 T, N = 3, 2
+# the exact codec: runs are compared bit for bit
 FAST = [f"inversion.num_ddim_steps={T}", f"inversion.num_inner_steps={N}", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",
-        "output.checkpoint_every_s=0", "trainer.accelerator=cpu"]  # fmt: skip
+        "output.checkpoint_every_s=0", "trainer.accelerator=cpu",
+        "output.codec=fp32-delta-zstd"]  # fmt: skip
 TWO_RANKS = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.ddp_timeout_s=60"]
 NTI = ("nti", "nti (a rank it started)")  # how the ranks nti starts itself name their launcher
 # variables of a launcher around pytest (a SLURM job, torchrun) that would leak into the runs started here
