@@ -48,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
     inv.add_argument(
-        "--config", default=None, help="YAML config file, or a packaged config by name (paper, fast_cpu, sd2, …)"
+        "--config", default=None, help="YAML config file, or a packaged config by name (paper, fast_cpu, sd2, sdxl)"
     )
     inv.add_argument(
         "--model",
         default=None,
-        help="model.spec: 'tiny', 'tiny-sd2-v', a diffusers folder (SD1.x / SD2.x, detected) or a .safetensors file",
+        help="model.spec: 'tiny', 'tiny-sd2-v', 'tiny-sdxl', a diffusers folder (SD1.x / SD2.x / SDXL, detected) or "
+        "a .safetensors / .ckpt file (with model.config_dir=)",
     )
     inv.add_argument("--overwrite", action="store_true", help="start over an output folder made with other settings")
     inv.add_argument("--retry-failed", action="store_true", help="re-do images recorded as failed")

@@ -91,7 +91,7 @@ def load_lpips(backbones: Backbones) -> torch.nn.Module | None:
     """torchmetrics' LPIPS network with the backbone from ``backbones.lpips``; None (one log line) if unavailable."""
     if backbones.lpips is None:
         log.info(
-            "LPIPS skipped: no local backbone (set backbones.lpips to a torchvision %s state dict)", backbones.lpips_net
+            "LPIPS skipped: no local backbone (nti eval --lpips PATH: a torchvision %s state dict)", backbones.lpips_net
         )
         return None
     try:
@@ -129,7 +129,7 @@ def lpips(pred: torch.Tensor, target: torch.Tensor, net: torch.nn.Module, keep: 
 def load_dino(backbones: Backbones) -> torch.nn.Module | None:
     """A DINO ViT from ``backbones.dino`` (transformers ``AutoModel``, local files only); None with one log line."""
     if backbones.dino is None:
-        log.info("Structure distance skipped: no local DINO ViT (set backbones.dino to a ViTModel folder)")
+        log.info("Structure distance skipped: no local DINO ViT (nti eval --dino PATH: a ViTModel folder)")
         return None
     from transformers import AutoModel
 
@@ -188,7 +188,7 @@ class Clip:
 def load_clip(backbones: Backbones) -> Clip | None:
     """CLIPModel + tokenizer (+ image processor, defaulting to CLIP's) from ``backbones.clip``; None with one line."""
     if backbones.clip is None:
-        log.info("CLIP similarity skipped: no local CLIP (set backbones.clip to a CLIPModel folder)")
+        log.info("CLIP similarity skipped: no local CLIP (nti eval --clip PATH: a CLIPModel folder)")
         return None
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 

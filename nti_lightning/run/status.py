@@ -2,12 +2,13 @@
 
 Done and failed come from all ``manifest*.jsonl`` (the latest record of each id, through a disk-backed
 ``ManifestIndex``: only the counts and the failed ids with their errors are held); the total from
-``progress.json`` (written at start-up).
+``progress.json`` (written at start-up). A folder with none of these (nor ``run.json``) is not a run: an error.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from nti_lightning.store.manifest import ManifestIndex
@@ -17,6 +18,12 @@ def status(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} is not an output folder")
+    marks = (out_dir / "run.json", out_dir / "progress.json")
+    if not any(out_dir.glob("manifest*.jsonl")) and not any(p.is_file() for p in marks):
+        raise FileNotFoundError(
+            f"{out_dir} is not the output folder of an `nti invert` run (no manifest*.jsonl, run.json or "
+            "progress.json); give the run's --output folder"
+        )
     index = ManifestIndex(out_dir)
     try:
         done = index.count("ok")
@@ -36,7 +43,7 @@ def print_status(out_dir: str | Path) -> int:
     try:
         s = status(out_dir)
     except FileNotFoundError as e:
-        print(f"nti status: {e}")
+        print(f"nti status: {e}", file=sys.stderr)
         return 2
     pending = "unknown" if s["pending"] is None else s["pending"]
     total = "" if s["total"] is None else f" of {s['total']}"
