@@ -16,14 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from nti_lightning.store.validate import (
+    FIX_DAMAGED,
+    InvalidInversionError,
+    check_file,
+    check_meta,
+    check_model,
+    check_tensors,
+)
 
 FORMAT_VERSION = 1
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
 OPTIONAL_TENSOR_FIELDS = ("trajectory", "corrections")
 NULL_EXTRA_PREFIX = "null_embeddings."
 """File names of ``Inversion.null_extra``: "null_embeddings.text_embeds", …"""
+
+
+FIX_NOT_SAVED = "not saved (a non-finite or misshapen result is never written as an inversion)"
 
 
 class IncompatibleInversionError(ValueError):
@@ -98,6 +110,7 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    check_tensors(inv, str(path), fix=FIX_NOT_SAVED)  # a non-finite or misshapen result is never written
     path.parent.mkdir(parents=True, exist_ok=True)
     # own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
@@ -116,16 +129,22 @@ def save_inversion(path: str | os.PathLike, inv: Inversion) -> Path:
 
 
 def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
-    """Reads an inversion; with ``model`` given, checks it was made with that model and scheduler."""
+    """Reads an inversion and checks it (``validate_record``): shapes, dtypes, finite values and meta; with
+    ``model`` given, also that it fits and was made with that model and scheduler. Raises
+    ``InvalidInversionError`` / ``IncompatibleInversionError`` (one line naming the file) before any work."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"inversion file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if "nti_lightning" not in header:
-            raise ValueError(f"{path} is a safetensors file but not an nti_lightning inversion")
-        record = json.loads(header["nti_lightning"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if "nti_lightning" not in header:
+                raise ValueError(f"{path} is a safetensors file but not an nti_lightning inversion")
+            record = json.loads(header["nti_lightning"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (json.JSONDecodeError, SafetensorError) as e:
+        raise InvalidInversionError(f"{path}: not a readable inversion file ({e}); {FIX_DAMAGED}") from e
+    check_file(record, tensors, TENSOR_FIELDS, str(path))
     if record.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {record.get('format_version')} is not {FORMAT_VERSION}")
     optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
@@ -137,9 +156,21 @@ def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
         **optional,
         null_extra=extra,
     )
-    if model is not None:
-        check_compatible(inv, model, label=str(path))
+    validate_record(inv, model, label=str(path))
     return inv
+
+
+def validate_record(inv: Inversion, model=None, label: str = "inversion") -> None:
+    """Every check of a record before it is used (``store/validate.py``): its tensors (ranks, dtypes, agreeing
+    shapes, finite values) and meta (an object with the keys every record has; a nulled identity is refused as
+    unverifiable); with ``model``, that it was made with it (``check_compatible``: the message of another model's
+    record says which to load) and fits it (latent channels, VAE factor, a bounded size, the null's shapes,
+    timesteps)."""
+    check_tensors(inv, label)
+    check_meta(inv, label)
+    if model is not None:
+        check_compatible(inv, model, label)
+        check_model(inv, model, label)
 
 
 SCHEDULER_IDENTITY_KEYS = (
