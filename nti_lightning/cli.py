@@ -81,17 +81,8 @@ def cmd_invert(args) -> int:
         run_inversion,
     )
 
-    overrides = list(args.overrides)
-    if args.images:
-        overrides.append("data.images=[" + ",".join(_quote(p) for p in args.images) + "]")
-    if args.captions:
-        overrides.append(f"data.captions={_quote(args.captions)}")
-    if args.output:
-        overrides.append(f"output.dir={_quote(args.output)}")
-    if args.model:
-        overrides.append(f"model.spec={_quote(args.model)}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, invert_overrides(args))
     except ConfigError as e:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -122,6 +113,20 @@ def cmd_invert(args) -> int:
         print(f"{how}: state saved under {summary.output}/checkpoints; rerun the same command to resume")
         return EXIT_INTERRUPTED if summary.interrupted else EXIT_PREEMPTED
     return exit_status(summary)
+
+
+def invert_overrides(args) -> list[str]:
+    """``nti invert``'s dotlist: the key=value arguments, then its flags as the keys they set."""
+    overrides = list(args.overrides)
+    if args.images:
+        overrides.append("data.images=[" + ",".join(_quote(p) for p in args.images) + "]")
+    if args.captions:
+        overrides.append(f"data.captions={_quote(args.captions)}")
+    if args.output:
+        overrides.append(f"output.dir={_quote(args.output)}")
+    if args.model:
+        overrides.append(f"model.spec={_quote(args.model)}")
+    return overrides
 
 
 def exit_status(summary, quiet: bool = False) -> int:
@@ -176,16 +181,22 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``nti``'s arguments (exits 2 with the command's usage on a bad one); ``nti invert``'s key=value overrides
+    may come after its flags too."""
     args, extra = parser.parse_known_args(argv)
-    if args.command == "invert":  # key=value overrides may come after the flags too
+    if args.command == "invert":
         bad = [e for e in extra if "=" not in e or e.startswith("-")]
         if bad:
             parser.commands["invert"].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_command_line(build_parser(), argv)
     debug = args.debug or os.environ.get("NTI_DEBUG") == "1"
     # a quiet console: transformers' import-time notices (e.g. "requires torchvision") are not the user's concern
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
