@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from nti_lightning.metrics import psnr_per_image
+
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,8 +62,10 @@ def mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = No
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR in dB per image (data range 1), (B,); identical images give +inf."""
-    return 10 * torch.log10(1.0 / mse(pred, target, keep))
+    """PSNR in dB per image (data range 1; ``metrics.psnr_per_image``, torchmetrics), (B,); identical images give
+    +inf. With ``keep``: on ``pred*keep`` vs ``target*keep`` (PIE)."""
+    p, t, empty = _apply(pred.float(), target.float(), keep)
+    return _nan_where(psnr_per_image(p, t), empty)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
