@@ -258,7 +258,11 @@ def clip_text_features(texts: list[str], clip: Clip) -> torch.Tensor:
 
 
 def clip_score(images: torch.Tensor, texts: list[str], clip: Clip, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """100·max(cos(image, text), 0) per image (Hessel et al. 2021 CLIPScore as torchmetrics; PIE's CLIP metric)."""
+    """100·max(cos(image, text), 0) per image (Hessel et al. 2021 CLIPScore as torchmetrics; PIE's CLIP metric).
+
+    Not torchmetrics' ``CLIPScore`` itself (PIE-Bench's code calls it): torchmetrics 1.9's takes ``get_image_features``'
+    output for a tensor, and transformers 5 returns a ``BaseModelOutputWithPooling`` (tests/eval/test_clip_score_pin.py
+    pins that, and that CLIPScore given the tensors gives these numbers)."""
     cos = (clip_image_features(images, clip, keep) * clip_text_features(texts, clip)).sum(-1)
     return 100 * cos.clamp(min=0)
 
