@@ -4,7 +4,8 @@ against the model that is to use it.
 A record file is input like any other: a damaged or hand-edited one must fail with one line naming the file,
 what is wrong and what to do — not with an IndexError deep in sampling, an all-black image from NaN null
 embeddings, or a 137 GB allocation from a latent 16× the size its meta describes. ``check_file`` runs on what
-was read from disk before an ``Inversion`` is built; ``check_structure`` on any ``Inversion`` (file or memory);
+was read from disk before an ``Inversion`` is built; ``check_tensors`` and ``check_meta`` on any ``Inversion``
+(file or memory);
 ``check_model`` against the model (its latent channels, VAE factor, null shapes, timesteps). The compatibility
 checks (family, fingerprint, scheduler) stay in ``inversion.check_compatible``; ``inversion.validate_record``
 runs them all in this order.
@@ -20,9 +21,10 @@ FIX_DAMAGED = "the file is damaged or was not written by nti_lightning; invert t
 FIX_UNVERIFIABLE = "records written by nti_lightning always have it; invert the image again"
 MAX_LATENT_SIDE = 512
 """Largest latent side a record may hold before its model is known (4096 px at SD's VAE factor 8)."""
-MAX_SIZE_FACTOR = 2
+MAX_SIZE_FACTOR = 4
 """With the model known, a record's image side may be at most this many times the model's native size (SD1.x:
-1024 px, the tiny models: 256 px); larger records would allocate attention maps of tens of GB."""
+2048 px, SDXL 4096 px, the tiny models 512 px): beyond it the attention maps of one UNet call reach tens of GB
+(the tiny model's 2048 px record asked for 137 GB)."""
 REQUIRED_META = ("model_fingerprint", "scheduler", "hyperparameters", "image_size")
 """Meta keys every record this package has written carries (format version 1, since its first release)."""
 
@@ -178,11 +180,13 @@ def check_model(inv, model, label: str) -> None:
         raise _fail(label, f"z_T has {inv.z_T.shape[0]} channels but the model's UNet takes {channels}")
     if side * f != size:
         raise _fail(label, f"z_T {_shape(inv.z_T)} is not the latent of a {size} px image (VAE factor {f})")
-    if size > MAX_SIZE_FACTOR * model.native_image_size:
+    limit = MAX_SIZE_FACTOR * model.native_image_size
+    if size > limit:
         raise _fail(
             label,
             f"meta.image_size {size} px is over {MAX_SIZE_FACTOR}× the model's native {model.native_image_size} px "
-            "(the attention maps alone would not fit in memory)",
+            "(its attention maps would take tens of GB)",
+            f"invert the image again with inversion.image_size at most {limit}",
         )
     null = inv.sized_family(model).null(model, 1)  # {key: (1, …)}: the model's ∅ shapes
     want = tuple(null["prompt_embeds"].shape[1:])

@@ -104,7 +104,7 @@ CORRUPTIONS = {
 MODEL_CORRUPTIONS = {
     "all_latents_3_channels": (dict(tensors=_latents((3, 8, 8))), "z_T has 3 channels but the model's UNet takes 4"),
     "giant_consistent": (dict(tensors=_latents((4, 256, 256)), meta=_set("image_size", 2048)),
-                         "meta.image_size 2048 px is over 2× the model's native 128 px"),
+                         "meta.image_size 2048 px is over 4× the model's native 128 px"),
     "wrong_null_width": (dict(tensors=lambda t: {**t, "null_embeddings": torch.zeros(T, 77, 48)}),
                          "null_embeddings (2, 77, 48) do not match the model's null (T, (77, 32))"),
     "foreign_null_key": (dict(tensors=lambda t: {**t, "null_embeddings.text_embeds": torch.zeros(T, 32)}),
@@ -134,6 +134,7 @@ def test_a_record_that_does_not_fit_the_model_is_refused(good, tmp_path, tiny_mo
     load_inversion(path)  # self-consistent
     with pytest.raises(InvalidInversionError, match="invert the image again") as info:
         load_inversion(path, tiny_model)
+    assert "\n" not in str(info.value)
     assert str(info.value).startswith(f"{path}: ") and says in str(info.value), str(info.value)
 
 
@@ -144,6 +145,8 @@ def test_the_good_record_and_the_oldest_format_load(good, tmp_path, tiny_model):
     old_keys = ("family", "prediction_type", "method", "sampling", "model_config_dir", "precision")
     old = corrupt(good, tmp_path, meta=lambda m: {k: v for k, v in m.items() if k not in old_keys})
     assert load_inversion(old, tiny_model).method == "nti"
+    largest = corrupt(good, tmp_path, tensors=_latents((4, 64, 64)), meta=_set("image_size", 512))  # 4x native
+    assert load_inversion(largest, tiny_model).z_T.shape == (4, 64, 64)
 
 
 def test_unreadable_header_is_one_line(good, tmp_path):
