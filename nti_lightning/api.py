@@ -21,7 +21,7 @@ from nti_lightning.engine.sampling import ddim_sample, decode_latents
 from nti_lightning.engine.slots import Admission, Failed, Finished, SlotEngine
 from nti_lightning.engine.step_guidance import record_guidance
 from nti_lightning.models.family import cat_cond
-from nti_lightning.store.inversion import Inversion, check_compatible
+from nti_lightning.store.inversion import Inversion, validate_record
 from nti_lightning.text import check_prompt
 
 
@@ -74,8 +74,8 @@ def reconstruction_latents(
     """Samples z̄_0 from each inversion's z_T with its null embeddings (and its method's step guidance, e.g.
     Direct Inversion's corrections): → (B, C, h, w). The inversions must share one method's sampling."""
     runtime = runtime or Runtime()
-    for inv in inversions:
-        check_compatible(inv, model)
+    for k, inv in enumerate(inversions):
+        validate_record(inv, model, label=f"inversion {k}")
     T = inversions[0].num_steps
     schedule = schedule_from_scheduler(model.scheduler, T)
     if not all(torch.equal(inv.timesteps, schedule.timesteps) for inv in inversions):

@@ -56,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--captions", default=None, help="JSONL or CSV with columns image, prompt")
     inv.add_argument("--output", default=None, help="output folder (default: outputs/nti)")
     inv.add_argument(
-        "--config", default=None, help="YAML config file, or a packaged config by name (paper, fast_cpu, sd2, …)"
+        "--config", default=None, help="YAML config file, or a packaged config by name (paper, fast_cpu, sd2, sdxl)"
     )
     inv.add_argument(
         "--model",
         default=None,
-        help="model.spec: 'tiny', 'tiny-sd2-v', a diffusers folder (SD1.x / SD2.x, detected) or a .safetensors file",
+        help="model.spec: 'tiny', 'tiny-sd2-v', 'tiny-sdxl', a diffusers folder (SD1.x / SD2.x / SDXL, detected) or "
+        "a .safetensors / .ckpt file (with model.config_dir=)",
     )
     inv.add_argument("--overwrite", action="store_true", help="start over an output folder made with other settings")
     inv.add_argument("--retry-failed", action="store_true", help="re-do images recorded as failed")
@@ -85,17 +86,8 @@ def cmd_invert(args) -> int:
     from nti_lightning.run.folder import OutputMismatchError
     from nti_lightning.run.launch import RankFailedError
 
-    overrides = list(args.overrides)
-    if args.images:
-        overrides.append("data.images=[" + ",".join(_quote(p) for p in args.images) + "]")
-    if args.captions:
-        overrides.append(f"data.captions={_quote(args.captions)}")
-    if args.output:
-        overrides.append(f"output.dir={_quote(args.output)}")
-    if args.model:
-        overrides.append(f"model.spec={_quote(args.model)}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, invert_overrides(args))
     except ConfigError as e:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -127,6 +119,20 @@ def cmd_invert(args) -> int:
         print(f"{how}: state saved under {summary.output}/checkpoints; rerun the same command to resume")
         return EXIT_INTERRUPTED if summary.interrupted else EXIT_PREEMPTED
     return exit_status(summary)
+
+
+def invert_overrides(args) -> list[str]:
+    """``nti invert``'s dotlist: the key=value arguments, then its flags as the keys they set."""
+    overrides = list(args.overrides)
+    if args.images:
+        overrides.append("data.images=[" + ",".join(_quote(p) for p in args.images) + "]")
+    if args.captions:
+        overrides.append(f"data.captions={_quote(args.captions)}")
+    if args.output:
+        overrides.append(f"output.dir={_quote(args.output)}")
+    if args.model:
+        overrides.append(f"model.spec={_quote(args.model)}")
+    return overrides
 
 
 def exit_status(summary, quiet: bool = False) -> int:
@@ -181,18 +187,25 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``nti``'s arguments (exits 2 with the command's usage on a bad one); ``nti invert``'s key=value overrides
+    may come after its flags too. ``args.argv``: the command line itself (the ranks a multi-device run starts run
+    this same command line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    args.argv = argv  # the ranks a multi-device run starts run this same command line
-    if args.command == "invert":  # key=value overrides may come after the flags too
+    args.argv = argv
+    if args.command == "invert":
         bad = [e for e in extra if "=" not in e or e.startswith("-")]
         if bad:
             parser.commands["invert"].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_command_line(build_parser(), argv)
     debug = args.debug or os.environ.get("NTI_DEBUG") == "1"
     # a quiet console: transformers' import-time notices (e.g. "requires torchvision") are not the user's concern
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,12 +7,19 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
+def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image, (B, C, H, W) in [0, 1] → (B,): torchmetrics' ``peak_signal_noise_ratio`` with data
+    range 1 over each image's values; identical images give +inf. The one PSNR of the package (the run's metrics
+    here, PIE-Bench's masked ones in ``eval/metrics.py``)."""
+    return peak_signal_noise_ratio(pred.float(), target.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
 def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """PSNR (dB) and SSIM of (3, H, W) images in [-1, 1], computed on [0, 1]."""
     p = ((pred.float().clamp(-1, 1) + 1) / 2)[None]
     t = ((target.float().clamp(-1, 1) + 1) / 2)[None]
     return {
-        "psnr": float(peak_signal_noise_ratio(p, t, data_range=1.0)),
+        "psnr": float(psnr_per_image(p, t)[0]),
         "ssim": float(structural_similarity_index_measure(p, t, data_range=1.0)),
     }
 

@@ -139,6 +139,9 @@ def read_captions(path: str | os.PathLike) -> tuple[CaptionIndex, list[str]]:
         if not isinstance(row, dict) or "image" not in row:
             warnings.append(f"{where}: row has no 'image' field; skipped")
             return None
+        if isinstance(row.get("prompt"), (dict, list)):
+            warnings.append(f"{where}: 'prompt' is a JSON {_json_kind(row['prompt'])}, not a string; skipped")
+            return None
         return str(row["image"]).replace("\\", "/"), row.get("prompt")
 
     def rows() -> Iterator[tuple[str, object]]:
@@ -169,6 +172,15 @@ def read_captions(path: str | os.PathLike) -> tuple[CaptionIndex, list[str]]:
         captions.close()
         raise
     return captions, warnings
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON value is called in messages: "object", "list", "number", "boolean"."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "list"
+    return "boolean" if isinstance(value, bool) else "number"
 
 
 def caption_coverage(
@@ -283,6 +295,9 @@ def _list_rows(path: Path) -> Iterator[_Entry | Item]:
                     yield bad(n, 'not a JSON object; write {"image": "PATH", "prompt": "..."}')
                     continue
                 image, prompt = row.get("image"), row.get("prompt")
+                if prompt is not None and not isinstance(prompt, str):
+                    yield bad(n, f"'prompt' is a JSON {_json_kind(prompt)}, not a string; write the prompt as a string")
+                    continue
             if not isinstance(image, str) or not image.strip():
                 yield bad(n, "no image path in the row; give the image's path (relative to the list's folder)")
                 continue

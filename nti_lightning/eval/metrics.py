@@ -15,16 +15,22 @@ Networks come only from local paths (:class:`Backbones`); a metric whose path is
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from nti_lightning.metrics import psnr_per_image
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,8 +66,10 @@ def mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = No
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR in dB per image (data range 1), (B,); identical images give +inf."""
-    return 10 * torch.log10(1.0 / mse(pred, target, keep))
+    """PSNR in dB per image (data range 1; ``metrics.psnr_per_image``, torchmetrics), (B,); identical images give
+    +inf. With ``keep``: on ``pred*keep`` vs ``target*keep`` (PIE)."""
+    p, t, empty = _apply(pred.float(), target.float(), keep)
+    return _nan_where(psnr_per_image(p, t), empty)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,8 +83,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = N
 class Backbones:
     """Local paths of the metric networks; None skips the metric. Nothing is ever downloaded.
 
-    ``lpips``: a torchvision state dict of the LPIPS backbone (``squeezenet1_1`` for PIE-Bench, keys ``features.N.*``,
-    e.g. torch hub's ``squeezenet1_1-b8a52dc0.pth``); the LPIPS linear heads ship with torchmetrics.
+    ``lpips``: a torchvision state dict of the LPIPS backbone as torch hub saves it (``squeezenet1_1`` for PIE-Bench,
+    i.e. torch hub's ``squeezenet1_1-b8a52dc0.pth``); the LPIPS linear heads ship with torchmetrics.
     ``dino``: a transformers folder of a DINO ViT (PIE-Bench: ``dino_vitb8``) as ``ViTModel`` or ``Dinov2Model``.
     ``clip``: a transformers ``CLIPModel`` folder with its tokenizer (PIE-Bench: ``clip-vit-large-patch14``).
     """
@@ -87,49 +95,74 @@ class Backbones:
     lpips_net: str = "squeeze"
 
 
-def load_lpips(backbones: Backbones) -> torch.nn.Module | None:
-    """torchmetrics' LPIPS network with the backbone from ``backbones.lpips``; None (one log line) if unavailable."""
+TORCHVISION_WEIGHTS = {"squeeze": "SqueezeNet1_1_Weights", "alex": "AlexNet_Weights", "vgg": "VGG16_Weights"}
+"""LPIPS backbone → the torchvision weights enum whose file torchmetrics' LPIPS loads (through torch hub's cache)."""
+
+
+@contextlib.contextmanager
+def hub_cache_holding(data: bytes, file_name: str):
+    """torch hub's cache pointed, for the block, at a temporary folder holding ``data`` as ``checkpoints/file_name``:
+    torchvision's pretrained builders then read that file instead of downloading theirs (``load_state_dict_from_url``
+    uses a cached file of the URL's name when there is one)."""
+    before = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="nti-hub-") as folder:
+        (Path(folder) / "checkpoints").mkdir()
+        (Path(folder) / "checkpoints" / file_name).write_bytes(data)
+        torch.hub.set_dir(folder)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(before)
+
+
+def load_lpips(backbones: Backbones):
+    """torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (per image, [0, 1] inputs) with its backbone read from
+    ``backbones.lpips``, never downloaded; None (one log line) if unavailable.
+
+    The public class only builds a pretrained torchvision backbone, which torchvision fetches through torch hub's
+    cache: the local file, first checked to hold nothing but tensors (``torch.load(weights_only=True)``: torch
+    hub would unpickle it in full), is put in a temporary cache under torchvision's own file name."""
     if backbones.lpips is None:
-        log.info(
-            "LPIPS skipped: no local backbone (set backbones.lpips to a torchvision %s state dict)", backbones.lpips_net
-        )
+        net = backbones.lpips_net
+        log.info("LPIPS skipped: no local backbone (nti eval --lpips PATH: a torchvision %s state dict)", net)
         return None
     try:
-        from torchmetrics.functional.image.lpips import _NoTrainLpips
-
-        net = _NoTrainLpips(net=backbones.lpips_net, pnet_rand=True)
-    except (ImportError, ModuleNotFoundError) as exc:
+        import torchvision
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    except ImportError as exc:
         log.info("LPIPS skipped: torchmetrics' LPIPS needs torchvision (%s)", exc)
         return None
-    features = torch.load(backbones.lpips, map_location="cpu", weights_only=True)
-    bad = ValueError(f"{backbones.lpips}: not a torchvision {backbones.lpips_net} state dict (keys features.N.*)")
-    used = 0
-    for seq in (m for m in net.net.modules() if isinstance(m, torch.nn.Sequential)):
-        for idx, module in seq.named_children():  # torchmetrics keeps torchvision's feature indices as names
-            prefix = f"features.{idx}."
-            sub = {k[len(prefix) :]: v for k, v in features.items() if k.startswith(prefix)}
-            try:
-                module.load_state_dict(sub)
-            except RuntimeError as exc:
-                raise bad from exc
-            used += len(sub)
-    if used != sum(k.startswith("features.") for k in features):
-        raise bad
-    return net.eval()
+    net, path = backbones.lpips_net, Path(backbones.lpips)
+    bad = f"{path}: not a torchvision {net} state dict as torch hub saves it (keys features.N.*, classifier.*)"
+    data = path.read_bytes()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unpickling failure: refused, nothing of it was run
+        raise ValueError(f"{bad}; refused: {str(exc).strip().splitlines()[0]}") from exc
+    weights = getattr(torchvision.models, TORCHVISION_WEIGHTS[net]).DEFAULT
+    with hub_cache_holding(data, Path(urlparse(weights.url).path).name):
+        try:
+            metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True)
+        except (RuntimeError, KeyError, TypeError) as exc:  # load_state_dict of other keys or shapes
+            raise ValueError(bad) from exc
+    return metric.eval()
 
 
-def lpips(pred: torch.Tensor, target: torch.Tensor, net: torch.nn.Module, keep: torch.Tensor | None = None):
-    """LPIPS per image (Zhang et al., CVPR 2018) on [-1, 1] inputs as PIE-Bench, (B,)."""
+def lpips(pred: torch.Tensor, target: torch.Tensor, net, keep: torch.Tensor | None = None):
+    """LPIPS per image (Zhang et al., CVPR 2018) on [0, 1] images, fed to the network as [-1, 1] as PIE-Bench, (B,)."""
     p, t, empty = _apply(pred.float(), target.float(), keep)
+    net.reset()
     with torch.no_grad():
-        values = net(p * 2 - 1, t * 2 - 1).reshape(-1)
+        net.update(p.clamp(0, 1), t.clamp(0, 1))
+        values = net.compute().reshape(-1)
+    net.reset()
     return _nan_where(values, empty)
 
 
 def load_dino(backbones: Backbones) -> torch.nn.Module | None:
     """A DINO ViT from ``backbones.dino`` (transformers ``AutoModel``, local files only); None with one log line."""
     if backbones.dino is None:
-        log.info("Structure distance skipped: no local DINO ViT (set backbones.dino to a ViTModel folder)")
+        log.info("Structure distance skipped: no local DINO ViT (nti eval --dino PATH: a ViTModel folder)")
         return None
     from transformers import AutoModel
 
@@ -188,7 +221,7 @@ class Clip:
 def load_clip(backbones: Backbones) -> Clip | None:
     """CLIPModel + tokenizer (+ image processor, defaulting to CLIP's) from ``backbones.clip``; None with one line."""
     if backbones.clip is None:
-        log.info("CLIP similarity skipped: no local CLIP (set backbones.clip to a CLIPModel folder)")
+        log.info("CLIP similarity skipped: no local CLIP (nti eval --clip PATH: a CLIPModel folder)")
         return None
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -225,7 +258,11 @@ def clip_text_features(texts: list[str], clip: Clip) -> torch.Tensor:
 
 
 def clip_score(images: torch.Tensor, texts: list[str], clip: Clip, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """100·max(cos(image, text), 0) per image (Hessel et al. 2021 CLIPScore as torchmetrics; PIE's CLIP metric)."""
+    """100·max(cos(image, text), 0) per image (Hessel et al. 2021 CLIPScore as torchmetrics; PIE's CLIP metric).
+
+    Not torchmetrics' ``CLIPScore`` itself (PIE-Bench's code calls it): torchmetrics 1.9's takes ``get_image_features``'
+    output for a tensor, and transformers 5 returns a ``BaseModelOutputWithPooling`` (tests/eval/test_clip_score_pin.py
+    pins that, and that CLIPScore given the tensors gives these numbers)."""
     cos = (clip_image_features(images, clip, keep) * clip_text_features(texts, clip)).sum(-1)
     return 100 * cos.clamp(min=0)
 

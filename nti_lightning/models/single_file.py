@@ -5,6 +5,7 @@ second text encoder, and the pipeline read from the file.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -198,6 +199,20 @@ def _read_config(config_dir, name: str) -> dict:
     return json.loads((Path(config_dir) / name / "config.json").read_text(encoding="utf-8"))
 
 
+def unpickling_refusal(error: BaseException) -> str | None:
+    """torch.load(weights_only=True)'s refusal in ``error``'s chain (diffusers wraps it in an OSError about
+    "unable to load weights"): the first line of the innermost one, e.g. "Trying to load unsupported GLOBAL
+    posix.system whose module posix is blocked"; None if the chain holds none."""
+    seen: set[int] = set()
+    found = None
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, pickle.UnpicklingError):
+            found = str(error).strip().splitlines()[0].rstrip(".")
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def from_single_file(path: Path, config_dir, kwargs: dict):
     """A single-file checkpoint → the pipeline; ``config_dir`` (a diffusers folder: its configs and tokenizer,
     weights not needed) names the architecture and the scheduler, so the family is the folder's."""
@@ -227,6 +242,12 @@ def from_single_file(path: Path, config_dir, kwargs: dict):
     try:
         return cls.from_single_file(str(path), **extra, **_pipeline_kwargs(pipeline_class, kwargs))
     except Exception as e:  # diffusers raises many kinds here; say what to do
+        if (refusal := unpickling_refusal(e)) is not None:
+            raise ModelFolderError(
+                f"checkpoint {path} was refused as unsafe to unpickle: it holds more than weights ({refusal}), and "
+                "loading it could run code. Use a .safetensors file of the model, or convert this one where you "
+                "trust it."
+            ) from e
         raise RuntimeError(
             f"could not load single-file checkpoint {path}: {e}. Offline, pass config_dir= a diffusers folder "
             "with the matching model configs (an SD1.x, SD2.x or SDXL folder: for a 768-v checkpoint one whose "

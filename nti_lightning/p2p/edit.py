@@ -33,7 +33,7 @@ from nti_lightning.p2p.figures import attention_figure
 from nti_lightning.p2p.local_blend import LocalBlend
 from nti_lightning.p2p.maps import coarse_queries, map_shape, pick_attention_queries, store_queries
 from nti_lightning.p2p.rules import blend_word_weights, identity_edit, step_range, target_edit
-from nti_lightning.store.inversion import Inversion, check_compatible
+from nti_lightning.store.inversion import Inversion, validate_record
 from nti_lightning.text import check_prompt
 
 
@@ -164,7 +164,7 @@ def edit_batch(
     """K edits of one inversion in one sampling pass: batch [P, P*_1, …, P*_K] (P2P Algorithm 1)."""
     runtime = runtime or Runtime()
     # 1. Check inputs: the model that made the inversion, its timesteps, the prompts
-    check_compatible(inversion, model)
+    validate_record(inversion, model)
     if not specs:
         raise ValueError("no edits given")
     schedule = schedule_from_scheduler(model.scheduler, inversion.num_steps)

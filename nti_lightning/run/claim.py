@@ -23,6 +23,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,6 +133,7 @@ class Claim:
             start=process_start(os.getpid()),
             started=time.strftime("%Y-%m-%d %H:%M:%S"),
             slurm_job=os.environ.get("SLURM_JOB_ID"),
+            nonce=uuid.uuid4().hex,
             **info,
         )
         self._inode: int | None = None

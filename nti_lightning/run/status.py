@@ -10,6 +10,7 @@ its manifests (in memory; nothing is written).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,10 +47,11 @@ def _rate(entries: np.ndarray, window_s: float = 3600.0) -> float | None:
 def status(out_dir: str | Path) -> dict:
     out = Path(out_dir)
     if not out.is_dir():
-        raise NotARunError(f"{out} is not a folder")
+        raise NotARunError(f"{out} is not an output folder (no such folder)")
     has_index = any((out / INDEX_DIR).glob("*.idx"))
-    if not has_index and not (out / "run.json").is_file() and not any(out.glob("manifest*.jsonl")):
-        raise NotARunError(f"{out} is not the output folder of a run (no run.json, index or manifest)")
+    markers = ((out / "run.json").is_file(), (out / "progress.json").is_file(), any(out.glob("manifest*.jsonl")))
+    if not has_index and not any(markers):
+        raise NotARunError(f"{out} is not the output folder of an `nti invert` run (no run.json, index or manifest)")
     by_worker = {p.stem: read_index_file(p) for p in sorted((out / INDEX_DIR).glob("*.idx"))} if has_index else {}
     if not by_worker and any(out.glob("manifest*.jsonl")):  # a folder from before the index: read in memory
         by_worker = {"legacy": legacy_entries(sorted(out.glob("manifest*.jsonl")))}
@@ -118,7 +120,7 @@ def print_status(out_dir: str | Path) -> int:
     try:
         s = status(out_dir)
     except NotARunError as e:
-        print(f"nti status: {e}")
+        print(f"nti status: {e}", file=sys.stderr)
         return 2
     pending = "unknown" if s["pending"] is None else s["pending"]
     total = "" if s["total"] is None else f" of {s['total']}"

@@ -27,6 +27,14 @@ from safetensors.torch import load, save
 from nti_lightning.store.codec import CodecError, decode, encode
 from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC
 from nti_lightning.store.files import atomic_write
+from nti_lightning.store.validate import (
+    FIX_DAMAGED,
+    InvalidInversionError,
+    check_file,
+    check_meta,
+    check_model,
+    check_tensors,
+)
 
 FORMAT_VERSION = 2
 """Records with ∅_t through a codec; ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
@@ -38,6 +46,9 @@ NULL_EXTRA_PREFIX = "null_embeddings."
 EXACT_NULL_KEYS = ("time_ids",)
 """``null_extra`` keys kept exact whatever the codec: SDXL's 6 pixel sizes per step feed sinusoidal
 embeddings, where bf16's step (8 at 1024) would move them; they are 24 bytes a step."""
+
+
+FIX_NOT_SAVED = "not saved (a non-finite or misshapen result is never written as an inversion)"
 
 
 class IncompatibleInversionError(ValueError):
@@ -101,8 +112,10 @@ class Inversion:
         return model.family.at_size(self.meta.get("image_size"))
 
 
-def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC) -> bytes:
-    """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``)."""
+def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC, label: str = "inversion") -> bytes:
+    """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``); a
+    non-finite or misshapen record is refused (``InvalidInversionError`` naming ``label``), never written."""
+    check_tensors(inv, label, fix=FIX_NOT_SAVED)
     # 1. own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
         name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -137,6 +150,8 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
     """The ``Inversion`` in a .safetensors file's bytes (format 1 or 2); errors name ``label`` (the file)."""
     # 1. the record, from the header (safetensors' load(bytes) returns the tensors without the metadata)
     record = _header_record(data, label)
+    if not isinstance(record, dict):
+        check_file(record, {}, TENSOR_FIELDS, label)  # says what the header is instead of an object
     if record.get("format_version") not in (RAW_FORMAT_VERSION, FORMAT_VERSION):
         raise ValueError(
             f"{label}: format version {record.get('format_version')} is not one this version reads "
@@ -145,17 +160,18 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
     try:
         tensors = load(data)
     except SafetensorError as e:
-        raise ValueError(f"{label}: the tensors do not read ({e}); the file is damaged: re-invert the image") from e
+        raise InvalidInversionError(f"{label}: not a readable inversion file ({e}); {FIX_DAMAGED}") from e
     # 2. ∅_t's encoded fields back to float32
     for name, info in record.get("codecs", {}).items():
         try:
             tensors[name] = decode(tensors[name].numpy().tobytes(), info)
-        except (CodecError, KeyError) as e:
-            raise ValueError(
-                f"{label}: field {name!r} ({info.get('codec')}) is corrupt: {e}; the file is damaged: "
-                "re-invert the image"
+        except (CodecError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidInversionError(
+                f"{label}: field {name!r} ({info.get('codec') if isinstance(info, dict) else info}) is corrupt: {e}; "
+                f"{FIX_DAMAGED}"
             ) from e
-    # 3. the record
+    # 3. the record, its fields checked (store/validate.py)
+    check_file(record, tensors, TENSOR_FIELDS, label)
     optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
     extra = {k[len(NULL_EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(NULL_EXTRA_PREFIX)}
     return Inversion(
@@ -175,11 +191,14 @@ def _header_record(data: bytes, label: str) -> dict[str, Any]:
     except ValueError:
         header = None
     if not isinstance(header, dict):
-        raise ValueError(f"{label} is not a safetensors file (its header does not read; truncated?)")
+        raise InvalidInversionError(f"{label}: not a readable inversion file (its header does not read); {FIX_DAMAGED}")
     metadata = header.get("__metadata__") or {}
     if "nti_lightning" not in metadata:
         raise ValueError(f"{label} is a safetensors file but not an nti_lightning inversion")
-    return json.loads(metadata["nti_lightning"])
+    try:
+        return json.loads(metadata["nti_lightning"])
+    except ValueError as e:
+        raise InvalidInversionError(f"{label}: not a readable inversion file ({e}); {FIX_DAMAGED}") from e
 
 
 def save_inversion(
@@ -191,19 +210,32 @@ def save_inversion(
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-    return atomic_write(path, inversion_to_bytes(inv, codec), tmp_dir)
+    return atomic_write(path, inversion_to_bytes(inv, codec, label=str(path)), tmp_dir)
 
 
 def load_inversion(path: str | os.PathLike, model=None) -> Inversion:
-    """Reads an inversion (format 1 or 2); with ``model`` given, checks it was made with that model and
-    scheduler."""
+    """Reads an inversion (format 1 or 2) and checks it (``validate_record``): shapes, dtypes, finite values and
+    meta; with ``model`` given, also that it fits and was made with that model and scheduler. Raises
+    ``InvalidInversionError`` / ``IncompatibleInversionError`` (one line naming the file) before any work."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"inversion file {path} does not exist")
     inv = inversion_from_bytes(path.read_bytes(), label=str(path))
-    if model is not None:
-        check_compatible(inv, model, label=str(path))
+    validate_record(inv, model, label=str(path))
     return inv
+
+
+def validate_record(inv: Inversion, model=None, label: str = "inversion") -> None:
+    """Every check of a record before it is used (``store/validate.py``): its tensors (ranks, dtypes, agreeing
+    shapes, finite values) and meta (an object with the keys every record has; a nulled identity is refused as
+    unverifiable); with ``model``, that it was made with it (``check_compatible``: the message of another model's
+    record says which to load) and fits it (latent channels, VAE factor, a bounded size, the null's shapes,
+    timesteps)."""
+    check_tensors(inv, label)
+    check_meta(inv, label)
+    if model is not None:
+        check_compatible(inv, model, label)
+        check_model(inv, model, label)
 
 
 SCHEDULER_IDENTITY_KEYS = (

@@ -8,7 +8,7 @@ import torch
 from nti_lightning.engine.ddim import schedule_from_scheduler
 from nti_lightning.engine.sampling import ddim_sample, unet_denoiser
 from nti_lightning.p2p import attention_control
-from nti_lightning.store.inversion import Inversion
+from nti_lightning.store.inversion import Inversion, scheduler_identity
 from nti_lightning.text import encode_null, encode_text
 
 T = 4  # DDIM steps
@@ -17,7 +17,8 @@ DOG = "a dog sitting next to a mirror"
 
 
 def make_inversion(model, prompt: str = SOURCE, side: int = 8, seed: int = 0) -> Inversion:
-    """An inversion-shaped record: random z_T, per-step null embeddings near ψ(""), the model's identity."""
+    """An inversion-shaped record: random z_T, per-step null embeddings near ψ(""), the model's identity and
+    scheduler (``validate_record`` refuses a record without them)."""
     g = torch.Generator().manual_seed(seed)
     schedule = schedule_from_scheduler(model.scheduler, T)
     null = encode_null(model, 1)[0]  # (L, D)
@@ -33,6 +34,7 @@ def make_inversion(model, prompt: str = SOURCE, side: int = 8, seed: int = 0) ->
         meta={
             "model_source": model.source,
             "model_fingerprint": model.fingerprint,
+            "scheduler": scheduler_identity(model.scheduler),
             "hyperparameters": {"guidance_scale": 7.5},
             "image_size": side * model.vae_scale_factor,
         },

@@ -26,6 +26,13 @@ def _dead_pid() -> int:
     return p.pid
 
 
+def _until(pred, timeout=10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
 def test_a_claim_is_published_whole_and_released(tmp_path):
     path = tmp_path / "locks" / "shard0.rank0.lock"
     c = Claim(path, session="s1", rank=0, shard=0)
@@ -100,12 +107,11 @@ def test_the_heartbeat_refreshes_and_notices_a_takeover(tmp_path):
     c.acquire()
     old = time.time() - 100
     os.utime(path, (old, old))
-    time.sleep(0.3)
-    assert path.stat().st_mtime > old + 50  # refreshed
+    _until(lambda: path.stat().st_mtime > old + 50)  # refreshed
     c.check()
     path.unlink()
     path.write_text(json.dumps({"host": HOST, "pid": os.getpid()}))  # another run's claim now
-    time.sleep(0.3)
+    _until(lambda: c.lost)
     with pytest.raises(ClaimLostError, match="taken over"):
         c.check()
     c.release()
