@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from nti_lightning.store.codec import CodecError, decode, encode
-from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC
+from nti_lightning.store.codec import decode, encode
+from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, parse_codec
 from nti_lightning.store.files import atomic_write_bytes
 
 FORMAT_VERSION = 2
@@ -103,6 +103,7 @@ class Inversion:
 
 def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC) -> bytes:
     """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``)."""
+    parse_codec(codec)  # a clear error for a name that is none, whatever the fields hold
     # 1. own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
         name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -150,7 +151,7 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
     for name, info in record.get("codecs", {}).items():
         try:
             tensors[name] = decode(tensors[name].numpy().tobytes(), info)
-        except (CodecError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # CodecError, or an info this version cannot read
             raise ValueError(
                 f"{label}: field {name!r} ({info.get('codec')}) is corrupt: {e}; the file is damaged: "
                 "re-invert the image"
