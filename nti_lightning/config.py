@@ -284,8 +284,6 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    seed: int = 0
-    """Seed for anything random (nothing in Algorithm 1 is; kept for reproducible extensions)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
