@@ -572,6 +572,22 @@ def save_folder(pipe, out: Path, keep: tuple[str, ...] = ()) -> None:
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / rel, target)
+    for name in ("text_encoder", "text_encoder_2"):
+        if (out / name / "model.safetensors").is_file():
+            prefix_text_model_keys(out / name / "model.safetensors")
+
+
+def prefix_text_model_keys(path: Path) -> None:
+    """Stores a CLIPTextModel's weights under ``text_model.*``, as every SD checkpoint does: transformers 5 saves
+    them without the prefix and reads both, transformers 4 silently leaves unprefixed weights random."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    heads = ("text_model.", "text_projection.")  # CLIPTextModelWithProjection's projection sits beside text_model
+    save_file({k if k.startswith(heads) else f"text_model.{k}": v for k, v in state.items()}, str(path), metadata)
 
 
 def main() -> None:
@@ -700,7 +716,12 @@ def main() -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    save_folder(pipe, out, keep=("tokenizer/vocab.json", "tokenizer/merges.txt") if family == "sd1" else ())
+    tokenizer_dirs = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+    save_folder(pipe, out, keep=tuple(f"{d}/{n}" for d in tokenizer_dirs for n in ("vocab.json", "merges.txt")))
+    for d in tokenizer_dirs:  # transformers 4's CLIPTokenizer reads these two files, not tokenizer.json
+        for name in ("vocab.json", "merges.txt"):
+            if tok_dir.resolve() != (out / d).resolve():
+                shutil.copyfile(tok_dir / name, out / d / name)
     if shares_weights(out):  # a shipped folder: the VAE (and SDXL's first text encoder) stay in assets/tiny only
         for f in drop_shared_weight_files(out):
             print(f"  {f.relative_to(out)} removed: loaded from {SHARED_WEIGHTS[out.name]}", flush=True)

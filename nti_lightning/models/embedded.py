@@ -70,7 +70,7 @@ def shared_components(folder: Path, dtype: torch.dtype = torch.float32) -> dict[
         elif name == "text_encoder":
             from transformers import CLIPTextModel
 
-            encoder = CLIPTextModel.from_pretrained(src, dtype=torch.float32)
+            encoder = CLIPTextModel.from_pretrained(src).float()  # fp32 as stored (dtype= is new in transformers 5)
             if encoder.config.hidden_size != config["hidden_size"]:
                 raise ValueError(f"{folder / name} and {src} differ in hidden_size; retrain with train_tiny.py")
             out[name] = encoder.to(dtype).eval()

@@ -213,7 +213,7 @@ def _pipeline_class(pipeline_class: str | None):
 def _pipeline_kwargs(pipeline_class: str | None, kwargs: dict) -> dict:
     """SD1.x / SD2.x: no safety checker; SDXL has none, and no invisible watermark (it would need a package)."""
     if pipeline_class in SDXL_PIPELINES:
-        return {"dtype": kwargs["dtype"], "add_watermarker": False}
+        return {"torch_dtype": kwargs["torch_dtype"], "add_watermarker": False}
     return kwargs
 
 
@@ -226,7 +226,7 @@ def _from_folder(folder: Path, kwargs: dict):
     except ValueError as e:
         raise ModelFolderError(f"model {folder}: {e}") from e
     cls = _pipeline_class(info.pipeline_class)
-    shared = shared_components(folder, kwargs["dtype"])  # embedded folders: the weights stored once
+    shared = shared_components(folder, kwargs["torch_dtype"])  # embedded folders: the weights stored once
     return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs), **shared)
 
 
@@ -432,7 +432,7 @@ def _from_single_file(path: Path, config_dir, kwargs: dict):
             check_checkpoint_matches(shapes, info.unet, path, config_dir)
         extra = {"config": str(config_dir), "local_files_only": True}
         if sdxl:
-            extra["text_encoder_2"] = sdxl_text_encoder_2(path, Path(config_dir), kwargs["dtype"])
+            extra["text_encoder_2"] = sdxl_text_encoder_2(path, Path(config_dir), kwargs["torch_dtype"])
         pipeline_class = info.pipeline_class
     cls = _pipeline_class(pipeline_class)
     try:
@@ -501,7 +501,7 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
     used_config_dir = None  # only a single-file checkpoint reads its configs from config_dir
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)  # both diffusers ranges
     if spec_str in EMBEDDED:
         path, source = EMBEDDED[spec_str], spec_str
         if not (path / "model_index.json").is_file():
