@@ -63,7 +63,9 @@ def shared_components(folder: Path, dtype: torch.dtype = torch.float32) -> dict[
         if name == "vae":
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(src, torch_dtype=torch.float32)
+            from nti_lightning.models.compat import dtype_kwargs
+
+            vae = AutoencoderKL.from_pretrained(src, **dtype_kwargs(torch.float32))
             if vae.config.scaling_factor != config["scaling_factor"]:
                 refold_scaling_factor(vae, config["scaling_factor"], bool(config.get("force_upcast", False)))
             out[name] = vae.to(dtype).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from nti_lightning.models.attention_dispatch import direct_attention_dispatch
+from nti_lightning.models.compat import dtype_kwargs
 from nti_lightning.models.detect import (
     SDXL_PIPELINES,
     ModelFolderError,
@@ -213,8 +214,8 @@ def _pipeline_class(pipeline_class: str | None):
 def _pipeline_kwargs(pipeline_class: str | None, kwargs: dict) -> dict:
     """SD1.x / SD2.x: no safety checker; SDXL has none, and no invisible watermark (it would need a package)."""
     if pipeline_class in SDXL_PIPELINES:
-        return {"torch_dtype": kwargs["torch_dtype"], "add_watermarker": False}
-    return kwargs
+        return {**dtype_kwargs(kwargs["torch_dtype"]), "add_watermarker": False}
+    return {**{k: v for k, v in kwargs.items() if k != "torch_dtype"}, **dtype_kwargs(kwargs["torch_dtype"])}
 
 
 def _from_folder(folder: Path, kwargs: dict):
@@ -501,7 +502,7 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
     used_config_dir = None  # only a single-file checkpoint reads its configs from config_dir
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)  # both diffusers ranges
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)
     if spec_str in EMBEDDED:
         path, source = EMBEDDED[spec_str], spec_str
         if not (path / "model_index.json").is_file():
