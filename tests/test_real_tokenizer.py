@@ -208,19 +208,60 @@ def test_sdxl_second_tokenizer_pads_with_exclamation_marks(tok, tok2):
     assert _token_ids(tok2, [""], "cpu")[0].tolist()[:3] == [49406, 49407, 0]  # ψ("") of SD2 / SDXL's second
 
 
-def test_the_tiny_tokenizer_is_still_the_learners_output(tmp_path, monkeypatch):
-    """The tiny models keep their own small vocabulary (docs/tiny_model.md): ``train_tiny.py``'s BPE learner, on
-    the byte table of ``clip_vocab``, still writes the shipped vocab.json and merges.txt byte for byte."""
+@pytest.fixture(scope="module")
+def train_tiny():
+    """scripts/train_tiny.py as a module (it imports scripts/tiny_data.py beside it)."""
     import sys
 
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    spec = importlib.util.spec_from_file_location("_train_tiny", scripts / "train_tiny.py")
+    module = sys.modules["_train_tiny"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(scripts))
+        sys.modules.pop("_train_tiny", None)
+
+
+def test_the_tiny_tokenizer_is_still_the_learners_output(tmp_path, train_tiny):
+    """The tiny models keep their own small vocabulary (docs/tiny_model.md): ``train_tiny.py``'s BPE learner, on
+    the byte table of ``clip_vocab``, still writes the shipped vocab.json and merges.txt byte for byte."""
     from nti_lightning.models.tiny import TINY_DIR
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
-    spec = importlib.util.spec_from_file_location("_train_tiny", scripts / "train_tiny.py")
-    train_tiny = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "_train_tiny", train_tiny)
-    spec.loader.exec_module(train_tiny)
     train_tiny.train_tokenizer(tmp_path)
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / name).read_bytes() == (TINY_DIR / "tokenizer" / name).read_bytes(), name
+
+
+TOKENIZERS_TRAINER = """
+import hashlib, json, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+trainer = trainers.BpeTrainer(vocab_size=1280, show_progress=False, end_of_word_suffix="</w>",
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+tok.train([sys.argv[1]], trainer)
+print(hashlib.sha256(json.dumps(json.loads(tok.to_str())["model"]["merges"]).encode()).hexdigest())
+"""
+
+
+def test_the_tokenizers_trainer_is_not_a_function_of_the_corpus(tmp_path, train_tiny):
+    """Why train_tiny.py has its own BPE learner: ``tokenizers``' BpeTrainer, on the tiny models' corpus, gives
+    other merges in other processes (ties between equally frequent pairs are broken in hash order)."""
+    import subprocess
+    import sys
+
+    corpus = []
+    for rank, word in enumerate(train_tiny.COMMON_WORDS):  # as train_tokenizer builds it
+        corpus += [word] * (40 - rank // 25)
+    captions = [c for cs in train_tiny.CAPTIONS.values() for c in cs] + train_tiny.SCENE_CAPTIONS
+    corpus += (captions + [c for *_, c in train_tiny.DEMO_SAMPLES]) * 2
+    (tmp_path / "corpus.txt").write_text("\n".join(c.lower() for c in corpus), encoding="utf-8")
+    runs = [
+        subprocess.run([sys.executable, "-c", TOKENIZERS_TRAINER, str(tmp_path / "corpus.txt")], capture_output=True,
+                       text=True, check=True, timeout=120).stdout.strip()
+        for _ in range(4)
+    ]  # fmt: skip
+    assert len(set(runs)) > 1, "tokenizers' BPE trainer is now deterministic: train_tiny.py could use it"
