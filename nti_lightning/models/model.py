@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from nti_lightning.models.attention_dispatch import direct_attention_dispatch
+from nti_lightning.models.compat import dtype_kwargs
 from nti_lightning.models.detect import SDXL_PIPELINES, ModelFolderError, check_scheduler_config
 from nti_lightning.models.family import Family, family_from_configs
 
@@ -181,8 +182,8 @@ def _pipeline_class(pipeline_class: str | None):
 def _pipeline_kwargs(pipeline_class: str | None, kwargs: dict) -> dict:
     """SD1.x / SD2.x: no safety checker; SDXL has none, and no invisible watermark (it would need a package)."""
     if pipeline_class in SDXL_PIPELINES:
-        return {"dtype": kwargs["dtype"], "add_watermarker": False}
-    return kwargs
+        return {**dtype_kwargs(kwargs["torch_dtype"]), "add_watermarker": False}
+    return {**{k: v for k, v in kwargs.items() if k != "torch_dtype"}, **dtype_kwargs(kwargs["torch_dtype"])}
 
 
 def compute_fingerprint(model: NTIModel) -> str:
