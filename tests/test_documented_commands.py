@@ -47,7 +47,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for block in FENCE.finditer(text):
-            if block.group(1) in ("python", "json", "yaml"):
+            if block.group(1) in ("python", "json", "yaml", "text"):
                 continue
             for n, line in _logical_lines(block.group(2), text[: block.start(2)].count("\n") + 1):
                 for part in line.split("&&"):
