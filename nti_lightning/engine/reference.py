@@ -110,6 +110,20 @@ def _optimise_null(eps, schedule, i, z_cur, z_target, cond, uncond, cfg, calls) 
     return uncond, steps, eps_cond
 
 
+@torch.no_grad()
+def _advance(eps, schedule, t, latent: Tensor, cond, uncond, eps_cond, cfg, calls: dict, recompute_cond: bool):
+    """z̄_{t−1} from the optimised ∅_t (``get_noise_pred``): as distributed, both branches again in one batched
+    call; else the timestep's conditional ε reused and one unconditional call."""
+    if recompute_cond:
+        context = torch.cat([uncond, cond])  # (2, L, D)
+        eps_uncond, eps_cond = eps(torch.cat([latent] * 2), t, context).chunk(2)
+        calls["final_batched"] += 1
+    else:
+        eps_uncond = eps(latent, t, uncond)
+        calls["uncond"] = calls.get("uncond", 0) + 1
+    return ddim_step(schedule, latent, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t))
+
+
 def baseline_invert(
     model,
     pixels: Tensor,
@@ -154,17 +168,7 @@ def baseline_invert(
                 eps, schedule, i, latent_cur, latents[T - i - 1], cond, uncond, cfg, calls
             )
             null_list.append(uncond[:1].detach())
-            with torch.no_grad():  # ``get_noise_pred``: both branches again, in one batched call
-                if recompute_cond:
-                    context = torch.cat([uncond, cond])  # (2, L, D)
-                    eps_uncond, eps_cond = eps(torch.cat([latent_cur] * 2), t, context).chunk(2)
-                    calls["final_batched"] += 1
-                else:
-                    eps_uncond = eps(latent_cur, t, uncond)
-                    calls["uncond"] = calls.get("uncond", 0) + 1
-                latent_cur = ddim_step(
-                    schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
-                )
+            latent_cur = _advance(eps, schedule, t, latent_cur, cond, uncond, eps_cond, cfg, calls, recompute_cond)
     return BaselineResult(
         null_embeddings=torch.cat(null_list).cpu(),  # (T, L, D)
         pivot_z0=z0[0].cpu(),
