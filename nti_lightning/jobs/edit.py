@@ -226,7 +226,7 @@ class EditWorker(JobWorker):
     def write_line(self, line: Line, inv_path: Path, inv, result, k: int, source, seconds: float) -> None:
         """Edit k of ``result``: its files under the job folder (fixed names), then its record."""
         line.image_id = line.image_id or output_id(inv, inv_path)
-        folder = inside(self.root, item_relpath(line.image_id))
+        folder = inside(self.root, item_relpath(line.image_id, self.cfg.output.subdirs))
         stem = f"{line.number:04d}_{slug(line.spec.target)}"
         settings = settings_record(inv_path, inv, self.model, line.spec, line.config, result, k)
         files = write_edit(edit_files(folder, stem), result, k, source, settings, self.cfg.edit.attention,

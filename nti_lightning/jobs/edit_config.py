@@ -55,6 +55,9 @@ class EditOutputConfig:
     folder: str = "edits"
     """The job's folder inside ``dir`` (its claim, ``run.json``, ``config.yaml``, records, logs, pictures): a name
     starting with "edits" (``edits-batch2``), so it is never one of the inverted run's own."""
+    subdirs: bool = False
+    """Put each image's edits under a two-hex-digit bucket, ``images/ab/<id>/`` (as ``output.subdirs`` of ``nti
+    invert``), so no folder holds millions of entries."""
     results: str | None = None
     """The results JSONL written at the end (one line per line of the edits file: its latest record, or
     "pending"); None: ``<job folder>/results.jsonl`` (``--results``)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nti_lightning.data.ids import UnsafeIdError, check_id
+from nti_lightning.data.ids import UnsafeIdError, check_id, printable
 from nti_lightning.edit_args import parse_assignments, parse_cross_replace, parse_window
 from nti_lightning.edit_config import EditConfig
 from nti_lightning.p2p.edit import EditSpec
@@ -160,5 +160,8 @@ def _checked_id(value) -> str:
         raise ValueError(f'"image_id" must be a string, got {type(value).__name__}')
     try:
         return check_id(value)
-    except UnsafeIdError as e:
-        raise ValueError(f'{e}; give the id as `nti invert` recorded it (its manifest\'s "id")') from None
+    except UnsafeIdError:
+        raise ValueError(
+            f'"image_id" {printable(value)!r} is not an image id (empty, "." or ".." parts, control characters or '
+            'over 1024 bytes); give the id as `nti invert` recorded it (its manifest\'s "id")'
+        ) from None
