@@ -13,7 +13,14 @@ import argparse
 import json
 import re
 
-from nti_lightning.edit_config import EDIT_DEFAULTS, EDIT_MODES, CrossReplace, EditConfig
+from nti_lightning.edit_config import (
+    EDIT_DEFAULTS,
+    EDIT_MODES,
+    EditConfig,
+    parse_assignments,
+    parse_cross_replace,
+    parse_window,
+)
 
 D = EDIT_DEFAULTS
 DESCRIPTION = f"""\
@@ -180,46 +187,5 @@ def config_from_args(args: argparse.Namespace) -> EditConfig:
     return run_config_from_args(args).edit
 
 
-def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:
-    """["cat=2", "red car=0.5"] → {"cat": 2.0, "red car": 0.5}."""
-    out: dict[str, float] = {}
-    for item in items or []:
-        word, sep, value = item.rpartition("=")
-        try:
-            if not sep or not word.strip():
-                raise ValueError
-            out[word.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"{what}: {item!r} is not WORD=NUMBER") from None
-    return out
-
-
-def parse_cross_replace(value, default: CrossReplace) -> CrossReplace:
-    """A CLI list or a JSON value → a fraction, a (start, end) pair or {"default_": …, word: …}.
-
-    ``default`` is the window of the tokens the value does not name (a list without a plain fraction).
-    """
-    if value is None:
-        return default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, dict):
-        return {("default_" if k in ("default", "default_") else k): parse_window(v) for k, v in value.items()}
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-        return (float(value[0]), float(value[1]))
-    if not isinstance(value, list):
-        raise ValueError(f"cross_replace: {value!r} is not a fraction, a [start, end] pair or {{word: fraction}}")
-    plain = [i for i in value if "=" not in str(i)]
-    if len(plain) > 1:
-        raise ValueError(f"--cross-replace: give one default fraction, got {plain}")
-    words = parse_assignments([str(i) for i in value if "=" in str(i)], "--cross-replace")
-    try:
-        fraction = float(plain[0]) if plain else default
-    except ValueError:
-        raise ValueError(f"--cross-replace: {plain[0]!r} is not a fraction") from None
-    return {"default_": fraction, **words} if words else fraction
-
-
-def parse_window(value):
-    """A JSON step window: a fraction or a [start, end] pair."""
-    return tuple(float(x) for x in value) if isinstance(value, (list, tuple)) else float(value)
+__all__ = ["add_edit_subparser", "config_from_args", "edit_overrides", "parse_assignments", "parse_cross_replace",
+           "parse_window", "run_config_from_args"]  # fmt: skip

@@ -4,7 +4,7 @@ A job on the run layer, in ``run_job``'s frame (``jobs.common``), with its own f
 (``output.folder``): its claim, ``run.json``, ``config.yaml``, records, logs and pictures.
 
 1. **Check** that OUTPUT is a folder and FILE a file.
-2. **Claim** the job folder (every rank) and compare its ``run.json`` (rank 0: the run it edits); with
+2. **Claim** the job folder (every rank) and compare its ``run.json`` (rank 0: a folder of this job); with
    ``edit.overwrite`` the job's records start over.
 3. **Start**: Fabric's runtime (device, ``trainer.precision``); rank 0 commits the identity and ``config.yaml``.
    The model is loaded with the first inversion (the record's own, or ``model.spec``).
@@ -87,16 +87,15 @@ class EditWorker(JobWorker):
             raise FileNotFoundError(f"edits file {edits} does not exist; fix --edits (data.edits)")
         self.edits = Path(edits)
 
-    def identity(self) -> dict:
-        return {"job": "edit", "run": str(self.run_dir.resolve())}
-
     def claim_and_start(self) -> None:
-        self.claim(self.identity(), overwrite=False)
-        if self.worker.rank == 0 and self.cfg.edit.overwrite:
+        identity = {"job": "edit"}  # what a line's result depends on is in its record's key (``settings_key``)
+        overwrite = self.cfg.edit.overwrite
+        self.claim(identity, overwrite)
+        if self.worker.rank == 0 and overwrite:
             self.folder.start_over()  # --overwrite: every line is redone
         self.fabric = make_fabric(self.cfg, self.place, self.folder.tmp)
         self.runtime = Runtime(self.fabric)
-        self.start(self.identity(), config_to_yaml(self.cfg), self.cfg.trainer.ddp_timeout_s)
+        self.start(identity, config_to_yaml(self.cfg), self.cfg.trainer.ddp_timeout_s)
 
     # -- 4. lines ------------------------------------------------------------------------------------------
 

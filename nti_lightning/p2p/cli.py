@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nti_lightning.edit_args import parse_assignments
-from nti_lightning.edit_config import EditConfig
+from nti_lightning.edit_config import EditConfig, parse_assignments
 from nti_lightning.p2p.alignment import AlignmentError, WordNotInPromptError
 from nti_lightning.p2p.edit import EditSpec, edit_batch
 from nti_lightning.p2p.figures import input_image

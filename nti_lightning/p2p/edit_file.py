@@ -20,8 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nti_lightning.data.ids import UnsafeIdError, check_id, printable
-from nti_lightning.edit_args import parse_assignments, parse_cross_replace, parse_window
-from nti_lightning.edit_config import EditConfig
+from nti_lightning.edit_config import EditConfig, parse_assignments, parse_cross_replace, parse_window
 from nti_lightning.p2p.edit import EditSpec
 from nti_lightning.store.files import OutsideRootError, inside
 
