@@ -17,6 +17,7 @@ from nti_lightning.cli import EXIT_CONFIG_ERROR, EXIT_PREEMPTED, EXIT_SOME_FAILE
 from nti_lightning.edit_config import EDIT_DEFAULTS
 from nti_lightning.jobs.edit import EditWorker
 from nti_lightning.p2p import cli
+from nti_lightning.store.files import HOST
 from nti_lightning.store.inversion import save_inversion
 
 from .helpers import DOG, SOURCE, make_inversion
@@ -182,6 +183,21 @@ def test_bad_settings_are_one_line_naming_the_key(folder, capsys):
     assert main(["edit", str(folder), "--edits", edits, "output.folder=../x"]) == EXIT_CONFIG_ERROR
     assert "starting with 'edits'" in capsys.readouterr().err
     assert not (folder / "edits").exists()
+
+
+def test_a_second_run_on_a_job_folder_in_use_is_refused(folder, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / "edits" / "locks").mkdir(parents=True)
+        lock = {"host": HOST, "pid": holder.pid, "started": "x"}
+        (folder / "edits" / "locks" / "shard0.lock").write_text(json.dumps(lock))
+        edits = write_edits(folder, [{"image_id": "cat", "target": DOG}])
+        assert main(["edit", str(folder), "--edits", edits, *CPU]) == EXIT_CONFIG_ERROR
+        assert "in use by another run" in capsys.readouterr().err
+        assert not list((folder / "edits").glob("manifest*")) and not (folder / "edits" / "images").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_stop_loses_nothing_done_and_a_rerun_does_the_rest(folder, monkeypatch, capsys):
