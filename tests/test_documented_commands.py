@@ -67,7 +67,7 @@ def test_the_docs_hold_commands_of_every_kind():
     torchrun = [argv for where, argv in COMMANDS if where.startswith("scaleout.md") and "trainer.devices=4" in argv]
     assert len(torchrun) == 2  # the torchrun line's arguments and the plain one
     multi = dict(COMMANDS)["editing.md:9"]  # a \\-continued line, its [...] parts stripped
-    assert multi == ["edit", "outputs/nti/cat/inversion.safetensors", "--target", "a photo of a dog"]
+    assert multi == ["edit", "outputs/nti/images/cat/inversion.safetensors", "--target", "a photo of a dog"]
 
 
 @pytest.mark.parametrize(
