@@ -13,18 +13,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nti_lightning.config import RunConfig
 from nti_lightning.data.image import ImageError, prepare_image
-from nti_lightning.data.items import SAMPLES_DIR, Item
+from nti_lightning.data.items import SAMPLES_DIR, Item, caption_coverage, read_captions
 from nti_lightning.data.shards import is_shard_pattern, read_sample
+from nti_lightning.engine.slots import Admission
+from nti_lightning.jobs.invert_outputs import ShardOutputs
+from nti_lightning.run.layout import choose_layout
+from nti_lightning.run.records import FAILED, OK, RunIndex, done_by_source, short_hash, write_legacy_index
+from nti_lightning.run.share import InputShare, read_progress
+from nti_lightning.store.files import item_relpath
+from nti_lightning.store.tar_records import locate_shard
+from nti_lightning.text import PromptError, check_prompt
 
 # settings that change how fast a run goes, not what it computes (batch_invariant: bits, not results)
 NOT_IDENTITY = ("batch_size", "slots", "batch_invariant")
@@ -126,3 +136,171 @@ def prefetched(
         while queue:
             k0, head, fut = queue.popleft()
             yield k0, head, fut.result()
+
+
+class WorkerItems:
+    """The item half of ``jobs.invert.InvertWorker`` (step 4): what is done, this worker's share of the inputs
+    (``run.share``: plain inputs split per item, input shards per shard), the layout it writes, and the stream
+    of images the engine is fed. Uses the worker's ``cfg``, ``worker``, ``out``, ``folder``, ``summary``,
+    ``resumed``, ``ghost_after``, ``sources`` and ``inflight``.
+    """
+
+    def load_index(self, retry_failed: bool) -> None:
+        self.retry_failed = retry_failed
+        index_dir = self.out / ".nti" / "index"
+        if not any(index_dir.glob("*.idx")) and any(self.out.glob("manifest*.jsonl")):
+            write_legacy_index(self.out, sorted(self.out.glob("manifest*.jsonl")))  # a folder from before the index
+        self.index = RunIndex.load(self.out)
+        self._shard_files: dict[tuple[int, int], bool] = {}
+
+    def shard_exists(self, origin: int, shard: int) -> bool:
+        """Whether output shard ``shard`` of the worker ``index.workers[origin]`` is there (asked once each)."""
+        if (origin, shard) not in self._shard_files:
+            found = locate_shard(self.out, self.index.workers[origin], shard)
+            self._shard_files[(origin, shard)] = found is not None
+        return self._shard_files[(origin, shard)]
+
+    def output_exists(self, item_id: str, i: int) -> bool:
+        """An "ok" record's output is still there (deleted by hand, a lost disk: the image is redone): its
+        output shard file, or its folders-layout file."""
+        entry = self.index.entries[i]
+        if entry["out_shard"] >= 0:
+            return self.shard_exists(int(self.index.origin[i]), int(entry["out_shard"]))
+        rel = item_relpath(item_id, self.cfg.output.subdirs)
+        legacy = (item_id, f"{hashlib.sha1(item_id.encode()).hexdigest()[:2]}/{item_id}")  # folders of older runs
+        return any((self.out / r / "inversion.safetensors").is_file() for r in (rel, *legacy))
+
+    def already_done(self, item: Item) -> bool:
+        i = self.index.position(item.id)
+        if i is None:
+            return False
+        entry = self.index.entries[i]
+        if entry["status"] == OK:
+            return self.output_exists(item.id, i)
+        return not self.retry_failed and int(entry["prompt"]) == short_hash(item.prompt)  # a new caption: retried
+
+    def is_ghost(self, item_id: str) -> bool:
+        """Finished after the checkpoint this run resumed from: run again for an identical stream, not written."""
+        entry = self.index.get(item_id)
+        return entry is not None and float(entry["finished_at"]) >= self.ghost_after
+
+    def count_items(self) -> None:
+        """Pass 1: the plain inputs' ids (streamed, never held) and the sizes of this worker's input shards (no
+        other worker's shard is opened): its share, what is already done, the layout it writes."""
+        self.captions, warnings = read_captions(self.captions_path) if self.captions_path else (None, [])
+        for w in warnings:
+            self.warn(w)
+        self.share = InputShare(self.images, self.worker, self.cfg.data, self.captions_path)
+        self.previous = read_progress(self.out)  # before this worker's own file is rewritten
+        total = self.n_todo = self.n_mine = uncaptioned = 0
+        example = None
+        for k, item in self.share.plain_items(self.captions):
+            total += 1
+            if item.error is None and not item.captioned and item.prompt == self.cfg.data.default_prompt:
+                uncaptioned += 1
+                example = example or item.id
+            if not self.worker.is_mine(k):
+                continue
+            self.n_mine += 1
+            if self.already_done(item):
+                self.summary.skipped += 1
+                self.summary.skipped_failed += int(self.index.get(item.id)["status"] == FAILED)
+            else:
+                self.n_todo += 1
+        if total == 0 and not self.share.shards:
+            raise FileNotFoundError(f"no images found in {', '.join(self.images)}; give image files, folders or lists")
+        if self.captions is not None and self.worker.rank == 0 and total:
+            default = self.cfg.data.default_prompt
+            if w := caption_coverage(self.captions_path, self.captions, total, uncaptioned, example, default):
+                self.warn(w)
+        mine = self.share.count_mine(self.previous)
+        e = self.index.entries
+        done = np.isin(e["source"], [s.source for s in self.share.mine]) & (e["source"] != 0)
+        done &= (e["status"] == OK) | (not self.retry_failed)
+        self.shard_done_estimate = int(done.sum())  # exact counts come as the shards are walked
+        self.n_mine, self.n_todo = self.n_mine + mine, self.n_todo + max(mine - self.shard_done_estimate, 0)
+        shards = self.share
+        estimate = total + (round(mine / len(shards.mine) * len(shards.shards)) if shards.mine else 0)
+        self.layout, why = self.cfg.output.layout, None
+        if self.n_mine:  # a worker with nothing to write does not decide
+            self.layout, why = choose_layout(self.layout, self.out, e, estimate, self.folder.tmp)
+            self.note(f"{self.worker.name}: writing the {self.layout} layout ({why})")
+        self.folder.write_progress(
+            {"total": None if shards.shards else total, "mine": self.n_mine, "todo": self.n_todo,
+             "input_shards": len(shards.shards), "plain_total": total, "shards": shards.table(),
+             "prompts": shards.prompts, "layout": self.layout, "started_at": time.time(), **asdict(self.worker)}
+        )  # fmt: skip
+
+    def open_outputs(self) -> None:
+        """The shards layout's writer: this worker's ``.part`` cut back to what its index committed."""
+        if self.layout == "shards":
+            own = self.index.by_worker.get(self.worker.name)
+            committed = [] if own is None else own[own["out_shard"] >= 0][["out_shard", "out_offset"]].tolist()
+            self.shard_out = ShardOutputs(self.cfg, self.out, self.worker.name, committed, self.folder.tmp, self.note)
+
+    def skip_done(self, item_id: str) -> bool:
+        """For ``iter_shard``: a sample to pass by unread — in flight from the checkpoint, or "ok" with its output
+        there (not a ghost); a failed one is read (its prompt decides whether it is retried)."""
+        if item_id in self.resumed:
+            return True
+        i = self.index.position(item_id)
+        if i is None:
+            return False
+        entry = self.index.entries[i]
+        ghost = float(entry["finished_at"]) >= self.ghost_after
+        if entry["status"] != OK or ghost or not self.output_exists(item_id, i):
+            return False
+        self.summary.skipped += 1
+        return True
+
+    def untouched_sources(self) -> set[int]:
+        """This worker's input shards that are wholly done: not opened (``run.share.InputShare.untouched``)."""
+        e, origin = self.index.entries, self.index.origin
+        fresh = e["finished_at"] < self.ghost_after
+        ok = (e["status"] == OK) & fresh & (e["out_shard"] >= 0)  # a folders-layout output is checked per image
+        codes = origin.astype(np.int64) << 32 | e["out_shard"].astype(np.int64)
+        missing = [c for c in np.unique(codes[ok]).tolist() if not self.shard_exists(c >> 32, c & 0xFFFFFFFF)]
+        if missing:
+            ok &= ~np.isin(codes, missing)
+        self.done_counts = done_by_source(e, ok, (e["status"] == FAILED) & fresh)
+        return self.share.untouched(self.done_counts, self.retry_failed, self.previous)
+
+    def skip_untouched(self, shard) -> None:
+        ok, failed = self.done_counts.get(shard.source, (0, 0))
+        self.summary.skipped += ok + failed
+        self.summary.skipped_failed += failed
+
+    def pending(self):
+        """Pass 2: (source, item) of this worker's items still to do, in stream order (plain inputs, then its
+        input shards in order)."""
+        for k, item in self.share.plain_items(self.captions):
+            if not self.worker.is_mine(k) or item.id in self.resumed:
+                continue
+            if self.already_done(item) and not self.is_ghost(item.id):
+                continue
+            yield 0, item
+        untouched = self.untouched_sources()
+        for source, item in self.share.shard_items(self.captions, self.skip_done, untouched, self.skip_untouched):
+            if self.already_done(item):  # a failure not retried, or a ghost (re-run, not written)
+                self.summary.skipped += 1
+                self.summary.skipped_failed += int(self.index.get(item.id)["status"] == FAILED)
+                if not self.is_ghost(item.id):
+                    continue
+            yield source, item
+
+    def admissions(self):
+        """The engine's input: decoded images (ahead, in a thread); bad ones recorded as failed on the way."""
+        lookahead = self.cfg.output.prefetch * self.engine.rows
+        for source, item, px in prefetched(self.pending(), lambda it: decode(it, self.size), lookahead):
+            self.sources[item.id] = source
+            try:
+                if isinstance(px, Exception):
+                    raise px
+                check_prompt(self.model.tokenizer, item.prompt, label=item.label)
+            except (ValueError, OSError, PromptError) as e:
+                if not self.is_ghost(item.id):
+                    self.record(item, "failed", error=str(e))
+                self.sources.pop(item.id, None)
+                continue
+            self.inflight[item.id] = (item, px, pixel_hash(px))
+            yield Admission(item.id, px, item.prompt)
