@@ -360,9 +360,11 @@ def run_rank(
         t2 = time.perf_counter()
         w.last_save = time.monotonic()
         w.resume()  # 5
+        t3 = time.perf_counter()
+        w.untouched = w.untouched_sources()
         w.note(
             f"{w.worker.name}: bookkeeping {time.perf_counter() - t0:.2f} s (index {t1 - t0:.2f} s, inputs and "
-            f"outputs {t2 - t1:.2f} s, checkpoint {time.perf_counter() - t2:.2f} s)"
+            f"outputs {t2 - t1:.2f} s, checkpoint {t3 - t2:.2f} s, done input shards {time.perf_counter() - t3:.2f} s)"
         )
         try:
             w.loop()  # 6

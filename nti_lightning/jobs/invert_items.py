@@ -119,6 +119,12 @@ def decode(item: Item, size: int) -> torch.Tensor | Exception:
         return e
 
 
+def decode_hashed(item: Item, size: int) -> tuple[torch.Tensor, str] | Exception:
+    """``decode`` and the pixels' hash together: both in the decoding thread, off the engine's."""
+    px = decode(item, size)
+    return px if isinstance(px, Exception) else (px, pixel_hash(px))
+
+
 def prefetched(
     items: Iterator[tuple[int, Item]], load: Callable[[Item], object], lookahead: int
 ) -> Iterator[tuple[int, Item, object]]:
@@ -221,7 +227,7 @@ class WorkerItems:
         self.n_mine, self.n_todo = self.n_mine + mine, self.n_todo + max(mine - self.shard_done_estimate, 0)
         shards = self.share
         estimate = total + (round(mine / len(shards.mine) * len(shards.shards)) if shards.mine else 0)
-        self.layout, why = self.cfg.output.layout, None
+        self.layout, why, self.untouched = self.cfg.output.layout, None, None
         if self.n_mine:  # a worker with nothing to write does not decide
             self.layout, why = choose_layout(self.layout, self.out, e, estimate, self.folder.tmp)
             self.note(f"{self.worker.name}: writing the {self.layout} layout ({why})")
@@ -254,7 +260,11 @@ class WorkerItems:
         return True
 
     def untouched_sources(self) -> set[int]:
-        """This worker's input shards that are wholly done: not opened (``run.share.InputShare.untouched``)."""
+        """This worker's input shards that are wholly done: not opened (``run.share.InputShare.untouched``). Known
+        once the checkpoint is loaded (the images re-run as ghosts count as not done)."""
+        if not self.share.mine:
+            self.done_counts = {}
+            return set()
         e, origin = self.index.entries, self.index.origin
         fresh = e["finished_at"] < self.ghost_after
         ok = (e["status"] == OK) & fresh & (e["out_shard"] >= 0)  # a folders-layout output is checked per image
@@ -279,7 +289,7 @@ class WorkerItems:
             if self.already_done(item) and not self.is_ghost(item.id):
                 continue
             yield 0, item
-        untouched = self.untouched_sources()
+        untouched = self.untouched if self.untouched is not None else self.untouched_sources()
         for source, item in self.share.shard_items(self.captions, self.skip_done, untouched, self.skip_untouched):
             if self.already_done(item):  # a failure not retried, or a ghost (re-run, not written)
                 self.summary.skipped += 1
@@ -289,18 +299,20 @@ class WorkerItems:
             yield source, item
 
     def admissions(self):
-        """The engine's input: decoded images (ahead, in a thread); bad ones recorded as failed on the way."""
+        """The engine's input: decoded images and their hashes (ahead, in a thread); bad ones recorded as failed
+        on the way."""
         lookahead = self.cfg.output.prefetch * self.engine.rows
-        for source, item, px in prefetched(self.pending(), lambda it: decode(it, self.size), lookahead):
+        for source, item, loaded in prefetched(self.pending(), lambda it: decode_hashed(it, self.size), lookahead):
             self.sources[item.id] = source
             try:
-                if isinstance(px, Exception):
-                    raise px
+                if isinstance(loaded, Exception):
+                    raise loaded
                 check_prompt(self.model.tokenizer, item.prompt, label=item.label)
             except (ValueError, OSError, PromptError) as e:
                 if not self.is_ghost(item.id):
                     self.record(item, "failed", error=str(e))
                 self.sources.pop(item.id, None)
                 continue
-            self.inflight[item.id] = (item, px, pixel_hash(px))
+            px, sha = loaded
+            self.inflight[item.id] = (item, px, sha)
             yield Admission(item.id, px, item.prompt)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,15 +194,19 @@ class ShardOutputs:
         self.samples = self.out / "samples" / worker
         have = {k: len(list((self.samples / k).glob("*.reconstruction.png"))) for k in ("first", "flagged")}
         self.policy = PngPolicy(o.sample_images, o.flag_psnr_drop, o.flagged_images, have["first"], have["flagged"])
+        # a group's records are encoded in parallel (zstd and numpy release the GIL): ∅_t's codec is the costly part
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="nti-enc")
 
     def write(self, group: list[Done], measured: list[Measured]) -> list[tuple[Done, dict, tuple[int, int]]]:
         """Writes a group's records as one durable append; returns (done, record fields, (shard, offset)) each,
         for the caller to commit."""
         method, records, fields = self.cfg.inversion.method, [], []
-        for d, m in zip(group, measured):
+        for d in group:
+            d.inversion.meta.update(image={"id": d.item.id, "source": d.item.path})
+        encode = lambda d: inversion_to_bytes(d.inversion, self.cfg.output.codec, label=d.item.label)  # noqa: E731
+        blobs = list(self.pool.map(encode, group)) if len(group) > 1 else [encode(d) for d in group]
+        for d, m, data in zip(group, measured, blobs):
             it, inv = d.item, d.inversion
-            inv.meta.update(image={"id": it.id, "source": it.path})
-            data = inversion_to_bytes(inv, self.cfg.output.codec, label=it.label)
             meta = {"id": it.id, "source": it.path, "prompt": it.prompt, "metrics": m.metrics, **inv.meta}
             kind, why = self.policy.judge(m.metrics[method]["vs_vae"]["psnr"])
             paths = {}
@@ -220,6 +226,7 @@ class ShardOutputs:
         self.writer.finish()
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         self.writer.close()
 
 
