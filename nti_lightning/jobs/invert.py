@@ -304,6 +304,7 @@ class InvertWorker(WorkerItems):
         self.bar = progress_bar(self.log, self.n_todo, f"{w.name} inverting", show)
         for event in self.engine.run(self.admissions()):
             self.on_event(event)
+        self.warn_coverage()
         self.flush()
         if self.shard_out is not None:
             self.shard_out.finish()  # the last shard renamed to .tar with its index

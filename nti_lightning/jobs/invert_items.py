@@ -152,11 +152,14 @@ class WorkerItems:
     """
 
     def load_index(self, retry_failed: bool) -> None:
+        """This worker's share of the inputs (``run.share``; no shard is opened), then the record index: with
+        input shards only, just the entries of its own shards (and its own file whole)."""
         self.retry_failed = retry_failed
+        self.share = InputShare(self.images, self.worker, self.cfg.data, self.captions_path)
         index_dir = self.out / ".nti" / "index"
         if not any(index_dir.glob("*.idx")) and any(self.out.glob("manifest*.jsonl")):
             write_legacy_index(self.out, sorted(self.out.glob("manifest*.jsonl")))  # a folder from before the index
-        self.index = RunIndex.load(self.out)
+        self.index = RunIndex.load(self.out, sources=self.share.index_sources(), whole=self.worker.name)
         self._shard_files: dict[tuple[int, int], bool] = {}
 
     def shard_exists(self, origin: int, shard: int) -> bool:
@@ -196,7 +199,6 @@ class WorkerItems:
         self.captions, warnings = read_captions(self.captions_path) if self.captions_path else (None, [])
         for w in warnings:
             self.warn(w)
-        self.share = InputShare(self.images, self.worker, self.cfg.data, self.captions_path)
         self.previous = read_progress(self.out)  # before this worker's own file is rewritten
         total = self.n_todo = self.n_mine = uncaptioned = 0
         example = None
@@ -228,8 +230,9 @@ class WorkerItems:
         shards = self.share
         estimate = total + (round(mine / len(shards.mine) * len(shards.shards)) if shards.mine else 0)
         self.layout, why, self.untouched = self.cfg.output.layout, None, None
+        self.coverage: list = [0, 0, None]  # shard samples read, of them uncaptioned, the first such id
         if self.n_mine:  # a worker with nothing to write does not decide
-            self.layout, why = choose_layout(self.layout, self.out, e, estimate, self.folder.tmp)
+            self.layout, why = choose_layout(self.layout, self.out, estimate, self.folder.tmp)
             self.note(f"{self.worker.name}: writing the {self.layout} layout ({why})")
         self.folder.write_progress(
             {"total": None if shards.shards else total, "mine": self.n_mine, "todo": self.n_todo,
@@ -275,6 +278,15 @@ class WorkerItems:
         self.done_counts = done_by_source(e, ok, (e["status"] == FAILED) & fresh)
         return self.share.untouched(self.done_counts, self.retry_failed, self.previous)
 
+    def warn_coverage(self) -> None:
+        """A captions file that covers few of the input shards' samples this worker read: one warning at the end
+        (each worker reads only its own shards; the plain inputs' coverage is told before the run)."""
+        seen, uncaptioned, example = self.coverage
+        if self.captions is not None and seen:
+            default = self.cfg.data.default_prompt
+            if w := caption_coverage(self.captions_path, self.captions, seen, uncaptioned, example, default):
+                self.warn(f"{self.worker.name}'s input shards: {w}")
+
     def skip_untouched(self, shard) -> None:
         ok, failed = self.done_counts.get(shard.source, (0, 0))
         self.summary.skipped += ok + failed
@@ -291,6 +303,10 @@ class WorkerItems:
             yield 0, item
         untouched = self.untouched if self.untouched is not None else self.untouched_sources()
         for source, item in self.share.shard_items(self.captions, self.skip_done, untouched, self.skip_untouched):
+            self.coverage[0] += 1
+            if item.error is None and not item.captioned and item.prompt == self.cfg.data.default_prompt:
+                self.coverage[1] += 1
+                self.coverage[2] = self.coverage[2] or item.id
             if self.already_done(item):  # a failure not retried, or a ghost (re-run, not written)
                 self.summary.skipped += 1
                 self.summary.skipped_failed += int(self.index.get(item.id)["status"] == FAILED)

@@ -3,7 +3,7 @@
 "folders" and "shards" are taken as given. "auto" is decided by the first worker that has images to write, and
 kept in ``.nti/layout.json`` so that every worker of the run, and every rerun, writes the same layout:
 
-1. a folder that already holds "ok" records keeps their layout (a run from before the ``shards`` layout stays
+1. a folder that already holds outputs keeps their layout (a run from before the ``shards`` layout stays
    ``folders``);
 2. else "shards" when the dataset holds more than ``AUTO_SHARDS_ABOVE`` images — counted for plain inputs
    (every worker walks their names), estimated for input shards as the deciding worker's mean shard size times
@@ -21,24 +21,23 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
-from nti_lightning.run.records import OK
-
 AUTO_SHARDS_ABOVE = 10_000
 """``output.layout=auto`` writes shards above this many images in the dataset."""
 LAYOUT_FILE = ".nti/layout.json"
 
 
-def existing_layout(entries: np.ndarray) -> str | None:
-    """The layout of the "ok" records of an index (shards if any record is in a shard), None without any."""
-    ok = entries["status"] == OK
-    if not ok.any():
-        return None
-    return "shards" if (entries["out_shard"][ok] >= 0).any() else "folders"
+def existing_layout(out_dir: Path) -> str | None:
+    """The layout a folder's outputs are in: "shards" with output shards in ``shards/``, "folders" with
+    ``images/`` or manifests (a run from before the layouts), None for a new folder."""
+    out = Path(out_dir)
+    if any((out / "shards").glob("*.tar")) or any((out / "shards").glob("*.tar.part")):
+        return "shards"
+    if (out / "images").is_dir() or any(out.glob("manifest*.jsonl")):
+        return "folders"
+    return None
 
 
-def choose_layout(setting: str, out_dir: Path, entries: np.ndarray, estimate: int, tmp_dir: Path) -> tuple[str, str]:
+def choose_layout(setting: str, out_dir: Path, estimate: int, tmp_dir: Path) -> tuple[str, str]:
     """(layout, why) for this worker (module docstring); ``estimate``: the dataset's size as this worker
     sees it. Publishes an "auto" decision."""
     if setting != "auto":
@@ -47,9 +46,9 @@ def choose_layout(setting: str, out_dir: Path, entries: np.ndarray, estimate: in
     decided = _read(path)
     if decided is not None:
         return decided["layout"], decided["why"]
-    had = existing_layout(entries)
+    had = existing_layout(out_dir)
     if had is not None:
-        layout, why = had, f"output.layout=auto: the folder's records are in the {had} layout"
+        layout, why = had, f"output.layout=auto: the folder's outputs are in the {had} layout"
     else:
         layout = "shards" if estimate > AUTO_SHARDS_ABOVE else "folders"
         rel = ">" if layout == "shards" else "<="

@@ -243,20 +243,30 @@ class RunIndex:
         self.workers = list(self.by_worker)
         origin = np.zeros(len(entries), np.int32) if origin is None else origin
         if len(entries):
-            # latest per key: sort by (key, time), keep the last of each key
+            # latest per key: sort by (key, time), keep the last of each key (one copy: of the kept entries)
             order = np.lexsort((entries["finished_at"], entries["key"].view("S16")))
-            entries, origin = entries[order], origin[order]
-            keys = entries["key"].view("S16")
-            last = np.r_[keys[1:] != keys[:-1], True]
-            entries, origin = entries[last], origin[last]
+            keys = entries["key"].view("S16")[order]
+            keep = order[np.r_[keys[1:] != keys[:-1], True]]
+            del keys, order
+            entries, origin = entries[keep], origin[keep]
         self.entries = entries
         self.origin = origin
         self._keys = entries["key"].view("S16")
 
     @classmethod
-    def load(cls, out_dir: Path, pattern: str = "*.idx") -> RunIndex:
-        files = sorted((Path(out_dir) / INDEX_DIR).glob(pattern))
-        return cls.from_workers({p.stem: read_index_file(p) for p in files})
+    def load(
+        cls, out_dir: Path, pattern: str = "*.idx", sources: np.ndarray | None = None, whole: str | None = None
+    ) -> RunIndex:
+        """Every index file of a run. ``sources``: keep only the entries of these input shards (a worker that
+        reads only its own shards holds only their entries: its memory follows its share, not the run's),
+        except in the file of the worker ``whole``, kept whole (the worker's own records)."""
+        by_worker = {}
+        for p in sorted((Path(out_dir) / INDEX_DIR).glob(pattern)):
+            entries = read_index_file(p)
+            if sources is not None and p.stem != whole:
+                entries = entries[np.isin(entries["source"], sources)]
+            by_worker[p.stem] = entries
+        return cls.from_workers(by_worker)
 
     @classmethod
     def from_workers(cls, by_worker: dict[str, np.ndarray]) -> RunIndex:

@@ -109,7 +109,18 @@ class InputShare:
             shard_io.check_names(refs, seen)
             self.shards += [InputShard(r, len(self.shards) + i, shard_label(r)) for i, r in enumerate(refs)]
         self.mine = [s for s in self.shards if worker.is_mine(s.k)]
+        for s in self.mine:
+            s.identify()
         self.prompts = prompt_settings(captions_path, data_cfg.default_prompt, data_cfg.caption_column)
+
+    def index_sources(self):
+        """The source hashes whose index entries this worker needs (None: all of them — plain inputs' entries
+        carry no source)."""
+        if self.plain:
+            return None
+        import numpy as np
+
+        return np.array([s.source for s in self.mine], dtype=np.uint64)
 
     def plain_items(self, captions) -> Iterator[tuple[int, Item]]:
         """The plain inputs' stream, every worker the same (split by ``is_mine(k)``), ids checked."""
@@ -129,7 +140,6 @@ class InputShare:
             for name, source, size in prog.get("shards", []):
                 known[(name, source)] = size
         for s in self.mine:
-            s.identify()
             s.size = known.get((s.name, f"{s.source:016x}"))
             if s.size is None:
                 s.size = shard_io.shard_size(s.ref)

@@ -35,7 +35,7 @@ class InversionDataset(Dataset):
         self.transform = transform or record_tensors
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.reader.locations) + len(self.reader.folder_records())
 
     def __getitem__(self, k: int):
         if isinstance(k, torch.Tensor):
