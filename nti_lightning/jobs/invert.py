@@ -30,13 +30,13 @@ import torch
 
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
 from nti_lightning.data.items import Item
-from nti_lightning.data.shards import is_shard_pattern
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.slots import Failed, SlotEngine, Tick
 from nti_lightning.jobs.invert_items import (
     PRE_LOAD_UNKNOWN,
     WorkerItems,
+    absolute_paths,
     check_inputs,
     decode,
     pixel_hash,
@@ -387,23 +387,6 @@ def run_rank(
         return s
     finally:
         w.close()
-
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
-    folder, and every rank sees the same paths whatever its working directory."""
-
-    def absolute(p: str | None) -> str | None:
-        return None if p is None or is_shard_pattern(p) else str(Path(p).expanduser().resolve())
-
-    images = [absolute(p) or p for p in cfg.data.images] if cfg.data.images else cfg.data.images
-    data = replace(cfg.data, images=images, captions=absolute(cfg.data.captions))
-    spec = cfg.model.spec
-    if spec not in ("tiny", "tiny-sd2-v", "tiny-sdxl") and Path(spec).expanduser().exists():
-        spec = absolute(spec)
-    return replace(
-        cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data, model=replace(cfg.model, spec=spec)
-    )
 
 
 def run_inversion(cfg: RunConfig, *, overwrite=False, retry_failed=False, quiet=False, argv=None) -> RunSummary:

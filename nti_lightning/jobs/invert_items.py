@@ -2,6 +2,7 @@
 
 * ``check_inputs`` — every input path exists, the captions file too, the output is not a file: before anything
   is loaded or written.
+* ``absolute_paths`` — the configuration's paths made absolute (every rank sees the same files).
 * ``run_identity`` — what must not change between runs writing into one folder (``run.json``); without a model
   it is the part a rerun can compare before spending the model load (``PRE_LOAD_UNKNOWN`` is what only the
   loaded model tells).
@@ -17,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,23 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], str | None]:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output folder {out} is a file; give a folder (--output / output.dir)")
     return images, captions
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
+    folder, and every rank sees the same paths whatever its working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None or is_shard_pattern(p) else str(Path(p).expanduser().resolve())
+
+    images = [absolute(p) or p for p in cfg.data.images] if cfg.data.images else cfg.data.images
+    data = replace(cfg.data, images=images, captions=absolute(cfg.data.captions))
+    spec = cfg.model.spec
+    if spec not in ("tiny", "tiny-sd2-v", "tiny-sdxl") and Path(spec).expanduser().exists():
+        spec = absolute(spec)
+    return replace(
+        cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data, model=replace(cfg.model, spec=spec)
+    )
 
 
 def run_identity(cfg: RunConfig, model=None) -> dict:

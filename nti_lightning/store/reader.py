@@ -56,6 +56,7 @@ class RunReader(Mapping):
         self.n_folder = int((ok & (e["out_shard"] < 0)).sum())
         self._folder: list[tuple[str, str]] | None = None  # (id, relative path), read from manifests on demand
         self._open: dict[Path, object] = {}
+        self._pid = os.getpid()  # the process the open files belong to
 
     # -- the mapping ---------------------------------------------------------------------------------------
 
@@ -126,6 +127,8 @@ class RunReader(Mapping):
         return path
 
     def _file(self, path: Path):
+        if self._pid != os.getpid():  # a forked DataLoader worker: the parent's files share their offsets with it
+            self._open, self._pid = {}, os.getpid()
         f = self._open.get(path)
         if f is None:
             if len(self._open) >= 8:  # a few files open at a time

@@ -7,6 +7,8 @@ input shard."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -107,7 +109,7 @@ def test_tar_shards_and_parquet_into_the_shards_layout(inputs, reference):
     for k in ok:
         assert torch.equal(run[k].null_embeddings, ref[k].null_embeddings), k
         assert torch.equal(run[k].z_T, ref[k].z_T) and run[k].meta["image"]["id"] == k
-    loader = torch.utils.data.DataLoader(run.as_dataset(), batch_size=3, num_workers=0)
+    loader = torch.utils.data.DataLoader(run.as_dataset(), batch_size=3, num_workers=2)  # forked workers: own files
     batches = list(loader)
     assert sum(len(b["id"]) for b in batches) == len(ok)
     assert torch.equal(batches[0]["null_embeddings"][0], run[batches[0]["id"][0]].null_embeddings)
@@ -145,17 +147,17 @@ def test_reconstruct_from_open_run_matches_the_folders_layout(inputs, tiny_model
     assert psnr(got["shards"], got["exact"]) > 50
 
 
-def test_kill_mid_shard_then_resume_is_bit_identical(inputs, reference, model_dir, tmp_path):
+def test_kill_mid_shard_then_resume_is_bit_identical(inputs, reference, model_dir, tmp_path, monkeypatch):
     """A kill after the 3rd group is appended to the shard but before it is committed (in process: the fault
     point raises where kill -9 would stop the process; the subprocess variant is the slow test below)."""
     d, pq_path, expected = inputs
     out = tmp_path / "out"
-    faults.os.environ["NTI_FAULT"] = "shard.appended@3=oserror"
+    monkeypatch.setenv("NTI_FAULT", "shard.appended@3=oserror")
     faults.reload()
     try:
         assert main(_args([d, pq_path], out, model_dir, "output.layout=shards")) != 0
     finally:
-        del faults.os.environ["NTI_FAULT"]
+        monkeypatch.delenv("NTI_FAULT")
         faults.reload()
     part = out / "shards" / "rank0-000000.tar.part"
     assert part.is_file() and len(nti.open_run(out)) == 2  # 2 committed; the 3rd is in the part, uncommitted
@@ -182,8 +184,7 @@ def test_kill_9_mid_shard_then_resume_is_bit_identical(inputs, reference, model_
 
     d, pq_path, expected = inputs
     out = tmp_path / "out"
-    env = {**faults.os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NTI_FAULT": "shard.appended@4"}
-    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NTI_FAULT": "shard.appended@4"}
 
     cmd = [sys.executable, "-m", "nti_lightning.cli", *_args([d, pq_path], out, model_dir, "output.layout=shards")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
