@@ -9,11 +9,13 @@ another rank that this process launched failed); 2 configuration error, an outpu
 settings, or one in use by another run; 75 preempted by SIGTERM/SIGUSR1/SIGUSR2 with the state saved, on any
 rank (rerun to resume); 130 Ctrl-C, state saved.
   nti edit INVERSION --target "..." [...]     (Prompt-to-Prompt, see ``nti edit --help``)
-  nti eval DIR --methods ddim,nti,npi,proxnpi,direct --out OUT [...]   (PIE-Bench-format comparison, docs/eval.md)
+  nti edit OUTPUT --edits EDITS.jsonl [...] [key=value ...]   (an edits file over a run: resumable, shardable)
+  nti eval DIR --methods ddim,nti,npi,proxnpi,direct --out OUT [...] [key=value ...]   (PIE-Bench-format, docs/eval.md)
 
 ``nti invert`` with no input inverts the bundled sample images with the embedded tiny model.
-Overrides are OmegaConf dotlist keys of ``RunConfig`` (``inversion.num_inner_steps=5``,
-``trainer.precision=bf16-mixed``); unknown keys are an error naming the key.
+Overrides are OmegaConf dotlist keys of the command's typed config (``RunConfig`` for invert,
+``eval.config.EvalConfig``, ``jobs.edit_config.EditRunConfig``: ``inversion.num_inner_steps=5``,
+``trainer.precision=bf16-mixed``); unknown keys are an error naming the key; flags are aliases of keys.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from nti_lightning.exit_codes import (
 def build_parser() -> argparse.ArgumentParser:
     from nti_lightning import __version__
     from nti_lightning.edit_args import add_edit_subparser
-    from nti_lightning.eval.config import add_eval_subparser
+    from nti_lightning.eval.args import add_eval_subparser
 
     parser = argparse.ArgumentParser(prog="nti", description="Null-text Inversion and Prompt-to-Prompt editing")
     parser.add_argument("--version", action="version", version=f"nti_lightning {__version__}")
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     st = sub.add_parser("status", help="summarise done / failed / pending of an output folder")
-    st.add_argument("output", help="the output folder of an `nti invert` run (its --output)")
+    st.add_argument("output", help="the folder of an `nti invert` or `nti eval` run, or OUTPUT/edits of an edit job")
 
     add_edit_subparser(sub)
     add_eval_subparser(sub)
@@ -155,25 +157,80 @@ def exit_status(summary, quiet: bool = False) -> int:
 
 
 def cmd_eval(args) -> int:
+    from nti_lightning.config import ConfigError
     from nti_lightning.eval.config import config_from_args
 
     try:
         cfg = config_from_args(args)
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         print(f"nti eval: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    from nti_lightning.jobs.eval import EvalFolderMismatch, run_eval
+    from nti_lightning.jobs.eval import run_eval
+
+    summary = run_job_command("eval", lambda: run_eval(cfg, overwrite=args.overwrite, quiet=args.quiet, argv=args.argv))
+    if isinstance(summary, int):
+        return summary
+    if summary.rank == 0:
+        print(f"{summary.n_done} pair(s) evaluated, {summary.n_failed} failed, {summary.skipped} already done → "
+              f"{cfg.output.dir}/summary.md")  # fmt: skip
+    return job_exit_status(summary, "pair(s)", quiet=summary.rank != 0)
+
+
+def cmd_edit(args) -> int:
+    """``nti edit``: one edit (``p2p.cli.run_single``), or an edits file over a run (the job ``jobs.edit``)."""
+    from nti_lightning.config import ConfigError
+    from nti_lightning.edit_args import run_config_from_args
+    from nti_lightning.p2p.cli import EDIT_ERRORS, run_single
 
     try:
-        result = run_eval(cfg, overwrite=args.overwrite)
-    except EvalFolderMismatch as e:
-        print(f"nti eval: {e}", file=sys.stderr)
+        if args.edits and (args.blend or args.reweight):
+            raise ValueError('--blend and --reweight are per edit in the batch form: give "blend"/"reweight" per line')
+        cfg = run_config_from_args(args)
+        if not args.edits:
+            return run_single(args, cfg.edit, cfg.model.spec, cfg.model.config_dir)
+    except (ConfigError, *EDIT_ERRORS) as e:
+        print(f"nti edit: {printable(e)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print(f"{result['done']} pair(s) evaluated, {result['skipped']} already done → {cfg.out}/summary.md")
-    if result["failed"]:
-        print(f"{len(result['failed'])} pair(s) failed (see the log); a rerun retries them", file=sys.stderr)
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+    from nti_lightning.jobs.edit import run_edits
+
+    summary = run_job_command("edit", lambda: run_edits(cfg, quiet=args.quiet, argv=args.argv))
+    if isinstance(summary, int):
+        return summary
+    if summary.rank == 0:
+        print(f"{summary.n_done} edited, {summary.n_failed} failed, {summary.skipped} already done → "
+              f"{summary.output}/results.jsonl")  # fmt: skip
+    return job_exit_status(summary, "line(s)", quiet=summary.rank != 0)
+
+
+def run_job_command(name: str, run):
+    """``run()`` → its summary, or the exit status of the errors every job reports in one line."""
+    from nti_lightning.run.claim import ClaimLostError, OutputLockedError
+    from nti_lightning.run.folder import OutputMismatchError
+    from nti_lightning.run.launch import RankFailedError
+
+    try:
+        return run()
+    except (OutputMismatchError, OutputLockedError, ClaimLostError) as e:
+        print(f"nti {name}: {printable(e)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except RankFailedError as e:  # another rank launched by this process failed (this one finished)
+        print(f"nti {name}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def job_exit_status(summary, what: str, quiet: bool = False) -> int:
+    """75 preempted, 130 interrupted (rerun to resume); else 0 / 3 some failed / 4 all failed (failed units are
+    retried by a rerun)."""
+    if summary.preempted or summary.interrupted:
+        if not quiet:
+            print(f"{'interrupted' if summary.interrupted else 'preempted'}: rerun the same command to resume")
+        return EXIT_INTERRUPTED if summary.interrupted else EXIT_PREEMPTED
+    if not summary.n_failed:
+        return EXIT_OK
+    if not quiet:
+        print(f"{summary.n_failed} {what} failed; `nti status {summary.output}` lists why; a rerun retries them",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_SOME_FAILED if summary.n_done + summary.skipped else EXIT_ALL_FAILED
 
 
 def cmd_status(args) -> int:
@@ -188,16 +245,16 @@ def _quote(value: str) -> str:
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """``nti``'s arguments (exits 2 with the command's usage on a bad one); ``nti invert``'s key=value overrides
-    may come after its flags too. ``args.argv``: the command line itself (the ranks a multi-device run starts run
-    this same command line)."""
+    """``nti``'s arguments (exits 2 with the command's usage on a bad one); the key=value overrides of ``invert``,
+    ``eval`` and ``edit`` may come after their flags too. ``args.argv``: the command line itself (the ranks a
+    multi-device run starts run this same command line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if args.command == "invert":
+    if args.command in ("invert", "eval", "edit"):  # key=value overrides anywhere on the line
         bad = [e for e in extra if "=" not in e or e.startswith("-")]
         if bad:
-            parser.commands["invert"].error(f"unrecognized arguments: {' '.join(bad)}")
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
@@ -239,9 +296,7 @@ def dispatch(args) -> int:
     if args.command == "eval":
         return cmd_eval(args)
     if args.command == "edit":
-        from nti_lightning.p2p.cli import run_edit
-
-        return run_edit(args)
+        return cmd_edit(args)
     return 1
 
 

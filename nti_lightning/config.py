@@ -260,7 +260,7 @@ class OutputConfig:
     """Images decoded ahead in a background thread, in units of the batch size; 0 = off."""
     codec: str = DEFAULT_CODEC
     """How ``inversion.safetensors`` stores ∅_t (docs/storage.md): "bf16-delta-zstd" (the default: bf16,
-    integer delta along t, zstd; 4.4–6.7× smaller than fp32 files at < 0.01 dB of NTI reconstruction PSNR on
+    integer delta along t, zstd; files 4.5–5.9× smaller than fp32 at ≤ 0.03 dB of NTI reconstruction PSNR on
     the tiny models), "fp32-delta-zstd" exact and ~1.5× smaller, "fp32" the raw format-1 file; also the other
     "{fp32,fp16,bf16}[-xor|-delta]-zstd". Everything else in the record stays exact."""
     layout: str = "auto"
@@ -313,8 +313,6 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    seed: int = 0
-    """Seed for anything random (nothing in Algorithm 1 is; kept for reproducible extensions)."""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Typed settings of Prompt-to-Prompt editing (Hertz et al. 2022): the one home of ``nti edit``'s defaults.
 
-``EditConfig`` is a plain dataclass (no torch, no OmegaConf: ``nti --help`` imports it through ``edit_args``,
-and its step windows are unions OmegaConf cannot type). Its defaults are the authors' (``prompt-to-prompt``
-notebook, ``null_text_w_ptp.ipynb``). ``nti edit`` saves each edit's resolved ``EditConfig`` as JSON beside
-the edit's pictures (``p2p.outputs``).
+``EditConfig`` is a dataclass without imports (``nti --help`` reads its defaults through ``edit_args``); it is the
+``edit`` section of ``nti edit``'s structured config (``jobs.edit_config.EditRunConfig``, loaded by
+``config.load_config``), so its step windows are typed ``Any`` there (OmegaConf cannot type their unions) and
+normalised here: a window arrives as a fraction or a ``[start, end]`` list; ``parse_*`` read the values the
+command line and an edits file give. Its defaults are the authors' (``prompt-to-prompt`` notebook,
+``null_text_w_ptp.ipynb``). ``nti edit`` saves each edit's resolved ``EditConfig`` as JSON beside the edit's
+pictures (``p2p.outputs``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,24 @@ def window_fractions(window: StepWindow) -> tuple[float, float]:
     return start, end
 
 
+def normal_window(window: Any) -> Any:
+    """A window as ``StepWindow``: a number as a float, a [start, end] list or tuple as a tuple (else as given,
+    for ``window_fractions`` to refuse)."""
+    if isinstance(window, (int, float)) and not isinstance(window, bool):
+        return float(window)
+    if isinstance(window, (list, tuple)) and len(window) == 2:
+        return tuple(float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in window)
+    return window
+
+
+def normal_cross_replace(value: Any) -> Any:
+    """``cross_replace`` as ``CrossReplace``: a window, or ``{"default_": window, word: window}`` ("default" and
+    "default_" both name the other tokens' window)."""
+    if isinstance(value, dict):
+        return {("default_" if k in ("default", "default_") else str(k)): normal_window(v) for k, v in value.items()}
+    return normal_window(value)
+
+
 @dataclass
 class EditConfig:
     """How ``nti edit`` edits (every field but ``batch_size``, ``attention`` and ``overwrite`` may be set per
@@ -46,12 +67,12 @@ class EditConfig:
     """"replace" (word swap: same number of words), "refine" (adding words), "reweight" (target = source);
     None: inferred per edit — same words → "reweight" if it re-weights (else nothing to edit), the same number
     of words → "replace", otherwise "refine"."""
-    cross_replace: CrossReplace = 0.8
-    """τ_c of P2P Algorithm 1: the steps in which the source's cross-attention maps replace the target's
-    (authors: 0.8)."""
-    self_replace: StepWindow = 0.4
-    """The steps in which the source's self-attention maps are injected, in layers with at most ¼ of the
-    latent's positions (authors: 0.4–0.6 per example)."""
+    cross_replace: Any = 0.8
+    """τ_c of P2P Algorithm 1 (a ``CrossReplace``): the steps in which the source's cross-attention maps replace
+    the target's (authors: 0.8); ``{"default": 0.8, "dog": 0.3}`` gives words of the target their own window."""
+    self_replace: Any = 0.4
+    """The steps (a ``StepWindow``) in which the source's self-attention maps are injected, in layers with at most
+    ¼ of the latent's positions (authors: 0.4–0.6 per example)."""
     guidance_scale: float | None = None
     """w of classifier-free guidance; None: the one the inversion was optimised for (recorded in it), since
     the null embeddings ∅_t are only right for that w (Mokady et al. 2023 §3.2)."""
@@ -65,10 +86,13 @@ class EditConfig:
     attention: bool = False
     """Also save each token's cross-attention map averaged over the steps (P2P Figure 4)."""
     overwrite: bool = False
-    """An edit whose file name is taken replaces the earlier edit's files (all of them); without it the new
-    edit gets the next free numbered name (``<stem>-2``, ``<stem>-3``, …) and nothing is overwritten."""
+    """Single form: an edit whose file name is taken replaces the earlier edit's files (all of them); without it
+    the new edit gets the next free numbered name (``<stem>-2``, ``<stem>-3``, …) and nothing is overwritten.
+    Batch form (``--edits``): the job's records start over, so every line is redone (its files rewritten)."""
 
     def __post_init__(self) -> None:
+        self.cross_replace = normal_cross_replace(self.cross_replace)
+        self.self_replace = normal_window(self.self_replace)
         if self.mode is not None and self.mode not in EDIT_MODES:
             raise ValueError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
         windows = self.cross_replace.values() if isinstance(self.cross_replace, dict) else [self.cross_replace]
@@ -85,6 +109,56 @@ class EditConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (windows as lists)."""
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values as the command line and an edits file give them
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, float]:
+    """["cat=2", "red car=0.5"] → {"cat": 2.0, "red car": 0.5}."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        word, sep, value = item.rpartition("=")
+        try:
+            if not sep or not word.strip():
+                raise ValueError
+            out[word.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not WORD=NUMBER") from None
+    return out
+
+
+def parse_cross_replace(value, default: CrossReplace) -> CrossReplace:
+    """A CLI list or a JSON value → a fraction, a (start, end) pair or {"default_": …, word: …}.
+
+    ``default`` is the window of the tokens the value does not name (a list without a plain fraction).
+    """
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        return {("default_" if k in ("default", "default_") else k): parse_window(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return (float(value[0]), float(value[1]))
+    if not isinstance(value, list):
+        raise ValueError(f"cross_replace: {value!r} is not a fraction, a [start, end] pair or {{word: fraction}}")
+    plain = [i for i in value if "=" not in str(i)]
+    if len(plain) > 1:
+        raise ValueError(f"--cross-replace: give one default fraction, got {plain}")
+    words = parse_assignments([str(i) for i in value if "=" in str(i)], "--cross-replace")
+    try:
+        fraction = float(plain[0]) if plain else default
+    except ValueError:
+        raise ValueError(f"--cross-replace: {plain[0]!r} is not a fraction") from None
+    return {"default_": fraction, **words} if words else fraction
+
+
+def parse_window(value):
+    """A JSON step window: a fraction or a [start, end] pair."""
+    return tuple(float(x) for x in value) if isinstance(value, (list, tuple)) else float(value)
 
 
 EDIT_DEFAULTS = EditConfig()

@@ -234,6 +234,13 @@ def meets_target(models: list[dict]) -> list[str]:
     return ok
 
 
+def level_table(rows: list[dict], what: str) -> str:
+    lines = [f"zstd level on {what} (∅_t alone; MB/s of fp32 input):", "", "| codec | level | × smaller | MB/s |"]
+    lines += ["|---|---|---|---|"]
+    lines += [f"| {r['codec']} | {r['level']} | {r['ratio']:.2f} | {r['mb_per_s']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Null-embedding codecs\n\n`{result['command']}`\n\n{result['machine']}\n"]
     for m in result["models"]:
@@ -259,6 +266,7 @@ def markdown(result: dict) -> str:
         f"tiny model): {'met by ' + ', '.join(ok) if ok else 'not met'}.** Default: {DEFAULT_CODEC}; exact: "
         f"{LOSSLESS_CODEC}; zstd level {ZSTD_LEVEL}.\n"
     )
+    lines += [level_table(result["tiny_levels"], "tiny, the ∅_t above"), ""]
     ex = result.get("extrapolation")
     if ex:
         lines += [f"## Extrapolation check (tiny: T = {ex['steps']} → 50 vs measured at T = 50, ∅_t bytes)\n"]
@@ -280,10 +288,7 @@ def markdown(result: dict) -> str:
                 f"| {codec} | {e['first_row_bytes'] / 1e3:.1f} | {e['bytes_per_further_row'] / 1e3:.1f} "
                 f"| {e['fp32_bytes_per_row'] / 1e3:.1f} | {e['predicted_bytes_T50'] / 1e6:.2f} | {e['ratio_T50']:.2f} |"
             )
-        lines += ["", "zstd level on these ∅_t (whole tensors):", "", "| codec | level | × smaller | MB/s |"]
-        lines += ["|---|---|---|---|"]
-        lines += [f"| {r['codec']} | {r['level']} | {r['ratio']:.2f} | {r['mb_per_s']:.0f} |" for r in sd["levels"]]
-        lines.append("")
+        lines += ["", level_table(sd["levels"], "these ∅_t"), ""]
     opt = result["optional_fields"]
     lines += ["## Optional fields through the exact codecs (tiny, × smaller than fp32)\n"]
     for name, o in opt.items():

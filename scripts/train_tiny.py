@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nti_lightning.models import tiny
+from nti_lightning.models.clip_vocab import byte_symbols, byte_table
+from nti_lightning.models.compat import dtype_kwargs
 from nti_lightning.models.embedded import (
     SHARED_WEIGHTS,
     drop_shared_weight_files,
@@ -173,33 +175,14 @@ on top side front back left right middle center inside outside around between
 # ---------------------------------------------------------------------------------------------------------
 
 
-def byte_symbols() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte → printable character table, in CLIP's vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def bytes_to_unicode() -> list[str]:
-    """The 256 byte symbols in CLIP's vocabulary order."""
-    return list(byte_symbols().values())
-
-
 WORD_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 """CLIP's pre-tokenisation (``CLIPTokenizer.pat`` without the special tokens)."""
 
 
 def word_counts(corpus: list[str]) -> Counter:
     """Each text as ``CLIPTokenizer`` splits it: NFC, whitespace collapsed, lower case, CLIP's word split, bytes as
-    ``bytes_to_unicode`` symbols, ``</w>`` on a word's last symbol → {word as a tuple of symbols: count}."""
-    table = byte_symbols()
+    ``byte_table`` symbols, ``</w>`` on a word's last symbol → {word as a tuple of symbols: count}."""
+    table = byte_table()
     counts: Counter = Counter()
     for text in corpus:
         text = " ".join(unicodedata.normalize("NFC", text).split()).lower()
@@ -254,7 +237,7 @@ def train_tokenizer(folder: Path) -> None:
 
     merges = learn_bpe_merges(word_counts(corpus), max_merges=tiny.VOCAB_SIZE)
 
-    base = bytes_to_unicode()
+    base = byte_symbols()
     vocab_list = base + [b + "</w>" for b in base]
     seen = set(vocab_list)
     kept = []
@@ -572,6 +555,22 @@ def save_folder(pipe, out: Path, keep: tuple[str, ...] = ()) -> None:
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / rel, target)
+    for name in ("text_encoder", "text_encoder_2"):
+        if (out / name / "model.safetensors").is_file():
+            prefix_text_model_keys(out / name / "model.safetensors")
+
+
+def prefix_text_model_keys(path: Path) -> None:
+    """Stores a CLIPTextModel's weights under ``text_model.*``, as every SD checkpoint does: transformers 5 saves
+    them without the prefix and reads both, transformers 4 silently leaves unprefixed weights random."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    heads = ("text_model.", "text_projection.")  # CLIPTextModelWithProjection's projection sits beside text_model
+    save_file({k if k.startswith(heads) else f"text_model.{k}": v for k, v in state.items()}, str(path), metadata)
 
 
 def main() -> None:
@@ -622,7 +621,7 @@ def main() -> None:
     if family != "sd1":
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.base / "vae", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(args.base / "vae", **dtype_kwargs(torch.float32)).eval()
         if family == "sdxl":  # SDXL's VAE config: scaling_factor 0.13025, force_upcast (same latents)
             refold_scaling_factor(vae, tiny.SDXL_SCALING_FACTOR, force_upcast=True)
     components = tiny.build_random_family_components(family, cfg.seed, tokenizer=tokenizer, vae=vae)
@@ -700,7 +699,12 @@ def main() -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    save_folder(pipe, out, keep=("tokenizer/vocab.json", "tokenizer/merges.txt") if family == "sd1" else ())
+    tokenizer_dirs = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+    save_folder(pipe, out, keep=tuple(f"{d}/{n}" for d in tokenizer_dirs for n in ("vocab.json", "merges.txt")))
+    for d in tokenizer_dirs:  # transformers 4's CLIPTokenizer reads these two files, not tokenizer.json
+        for name in ("vocab.json", "merges.txt"):
+            if tok_dir.resolve() != (out / d).resolve():
+                shutil.copyfile(tok_dir / name, out / d / name)
     if shares_weights(out):  # a shipped folder: the VAE (and SDXL's first text encoder) stay in assets/tiny only
         for f in drop_shared_weight_files(out):
             print(f"  {f.relative_to(out)} removed: loaded from {SHARED_WEIGHTS[out.name]}", flush=True)

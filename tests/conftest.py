@@ -18,6 +18,27 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+CORE_TESTS = (
+    "engine/", "store/", "p2p/", "run/test_records.py", "run/test_checkpoint.py", "run/test_claim.py",
+    "test_ddim.py", "test_slots.py", "test_nti_tiny.py", "test_methods.py", "jobs/test_invert_resume_batched.py",
+    "test_public_api.py", "test_single_file.py", "test_families.py", "test_sd2_text.py", "test_sdxl.py",
+    "test_tiny_model.py", "test_tiny_sd2.py", "test_tiny_sdxl.py", "test_text.py", "test_real_tokenizer.py",
+    "test_attention_dispatch.py", "test_private_contracts.py", "run/test_launch.py", "eval/test_metrics.py",
+    "data/test_shards.py",
+)  # fmt: skip
+"""The core set (`pytest -m core`): engine, P2P, save/load and the record formats, families, text, the shard
+readers, the run layer's record log, claims and checkpoints, the guarded internals. CI runs it
+again at the declared floors and at one middle diffusers release (.ci/versions, docs/versions.md)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        rel = os.path.relpath(str(item.path), tests).replace(os.sep, "/")
+        if any(rel == c or (c.endswith("/") and rel.startswith(c)) for c in CORE_TESTS):
+            item.add_marker(pytest.mark.core)
+
+
 @pytest.fixture(scope="session")
 def random_model():
     """The tiny architecture with seeded random weights: for equalities, not quality."""

@@ -140,11 +140,14 @@ OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
 def open_clip_to_ldm(text_encoder, prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
     """SD2: OpenCLIP names under ``cond_stage_model.model.``; q, k, v fused into ``attn.in_proj_*``. A
     CLIPTextModelWithProjection's projection is written as OpenCLIP's ``text_projection`` (width × projection:
-    the transpose of the Linear weight, as ``convert_open_clip_checkpoint`` reads it)."""
+    the transpose of the Linear weight, as ``convert_open_clip_checkpoint`` reads it); a CLIPTextModel gets an
+    identity one (diffusers before 0.33 read the q/k/v split width off it, else off ``projection_dim``)."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     out = {prefix + new: sd[old] for old, new in OPEN_CLIP_NAMES.items()}
     if "text_projection.weight" in sd:
         out[prefix + "text_projection"] = sd["text_projection.weight"].T
+    else:  # every OpenCLIP checkpoint has one (SD2's 1024 × 1024, unused by its CLIPTextModel): width × width here
+        out[prefix + "text_projection"] = torch.eye(text_encoder.config.hidden_size)
     for i in range(text_encoder.config.num_hidden_layers):
         src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):

@@ -16,11 +16,18 @@ from nti_lightning.engine.reference import baseline_invert
 from nti_lightning.engine.slots import Admission, Finished, SlotEngine
 from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import UNET_CONFIG
+from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64  # 8×8 latents: the tiny UNet's smallest size, fast on CPU
 NATIVE = 128  # 16×16 latents; at 8×8 the random UNet's 1×1 bottleneck (GroupNorm over 2 values) turns
 # batch-size rounding (1e-6) into O(0.1) differences, so batched comparisons use the native size
+
+
+def authors_attention(name: str):
+    """Their ``register_attention_control``: every attention layer through an explicit softmax (an identity
+    Prompt-to-Prompt controller)."""
+    return P2PAttnProcessor(lambda a, c, p: a, place_in_unet(name))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def test_baseline_as_distributed_matches_to_rounding(model):
     conditional branch recomputed in a batched pair): the same pivot, the reconstruction equal to rounding."""
     cfg = InversionConfig(num_ddim_steps=3, num_inner_steps=2, image_size=NATIVE)
     pixels, prompts = synthetic_images(1, NATIVE), prompts_for(1)
-    base = baseline_invert(model, pixels, prompts[0], cfg, weights_grad=True, classic_attention=True)
+    base = baseline_invert(model, pixels, prompts[0], cfg, weights_grad=True, classic_attention=authors_attention)
     assert base.unet_calls == {"pivot": 3, "cond": 3, "uncond_grad": 6, "final_batched": 3}
     assert all(p.grad is None and not p.requires_grad for p in model.unet.parameters())  # restored
     assert all(type(p).__name__ != "P2PAttnProcessor" for p in model.unet.attn_processors.values())

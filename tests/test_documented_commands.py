@@ -47,7 +47,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for block in FENCE.finditer(text):
-            if block.group(1) in ("python", "json", "yaml"):
+            if block.group(1) in ("python", "json", "yaml", "text"):
                 continue
             for n, line in _logical_lines(block.group(2), text[: block.start(2)].count("\n") + 1):
                 for part in line.split("&&"):
@@ -67,7 +67,7 @@ def test_the_docs_hold_commands_of_every_kind():
     torchrun = [argv for where, argv in COMMANDS if where.startswith("scaleout.md") and "trainer.devices=4" in argv]
     assert len(torchrun) == 2  # the torchrun line's arguments and the plain one
     multi = dict(COMMANDS)["editing.md:9"]  # a \\-continued line, its [...] parts stripped
-    assert multi == ["edit", "outputs/nti/cat/inversion.safetensors", "--target", "a photo of a dog"]
+    assert multi == ["edit", "outputs/nti/images/cat/inversion.safetensors", "--target", "a photo of a dog"]
 
 
 @pytest.mark.parametrize(

@@ -222,5 +222,5 @@ def test_eval_on_a_single_file_checkpoint(converted, tmp_path):
     argv = ["eval", str(EMBEDDED["tiny"].parent / "pie_sample"), "--out", str(out), "--methods", "ddim"]
     argv += ["--limit", "1", "--steps", "2", "--no-strips", "--model", str(path), "--config-dir", str(configs)]
     assert main(argv) == 0
-    assert json.loads((out / "eval.json").read_text())["model_source"] == str(path.resolve())
+    assert json.loads((out / "run.json").read_text())["model_source"] == str(path.resolve())
     assert [r["method"] for r in read_records(out)] == ["ddim"]

@@ -7,7 +7,8 @@ import torch
 from nti_lightning.config import InversionConfig
 from nti_lightning.engine.algorithm import Kind, Progress, Request
 from nti_lightning.engine.runtime import Runtime
-from nti_lightning.engine.slots import SlotEngine, _SlotState
+from nti_lightning.engine.slot_state import SlotState
+from nti_lightning.engine.slots import SlotEngine
 
 
 def probe_batch_size(model, cfg: InversionConfig, runtime: Runtime, image_size: int, cap: int = 64) -> int:
@@ -23,7 +24,7 @@ def probe_batch_size(model, cfg: InversionConfig, runtime: Runtime, image_size: 
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         for s in range(rows):
-            engine.slots[s] = _SlotState(s, "", Progress(), Request(Kind.INNER, 0, cfg.learning_rate))
+            engine.slots[s] = SlotState(s, "", Progress(), Request(Kind.INNER, 0, cfg.learning_rate))
         engine._run_grad(list(range(rows)))
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base

@@ -46,7 +46,7 @@ class InverterSlot(Slot, Protocol):
 Generated = Generator[Request, StepOutcome | None, None]
 
 
-def ddim_inversion(slot: InverterSlot, cfg: InversionConfig) -> Generated:
+def ddim_only(slot: InverterSlot, cfg: InversionConfig) -> Generated:
     """``ddim``: the pivot only; every ∅_t is the model's null ψ("")."""
     yield from ddim_pivot(slot.progress, cfg.num_ddim_steps, lambda: slot.fill_nulls(source_prompt=False))
 
@@ -96,7 +96,7 @@ class Inverter:
 
 
 INVERTERS: dict[str, Inverter] = {
-    "ddim": Inverter("ddim", ddim_inversion),
+    "ddim": Inverter("ddim", ddim_only),
     "nti": Inverter("nti", null_text_inversion),
     "npi": Inverter("npi", negative_prompt_inversion),
     "proxnpi": Inverter("proxnpi", negative_prompt_inversion, keeps_trajectory=True, sampling=proximal_sampling),

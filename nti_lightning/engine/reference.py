@@ -8,11 +8,11 @@ This follows the structure of ``NullInversion`` in the authors' ``null_text_w_pt
 - the conditional ε once per timestep without grad, then up to N inner steps of the unconditional branch
   with grad (line 9), the early-stop test after ``optimizer.step()`` with the loss from before it;
 - z̄_{t−1} from one batched [∅_t, C] call: the conditional branch recomputed;
-- as distributed (``weights_grad=True``, ``classic_attention=True``): the UNet weights keep
+- as distributed (``weights_grad=True``, ``classic_attention=`` a processor per layer): the UNet weights keep
   ``requires_grad=True``, so every backward also fills (and accumulates) weight gradients nobody uses, and
   every attention layer runs the authors' hook (``register_attention_control``: an explicit
   softmax(QKᵀ/√d) — here ``p2p.P2PAttnProcessor`` with an identity controller, the same operations);
-  ``weights_grad=False, classic_attention=False`` is their loop with frozen weights and fused attention.
+  ``weights_grad=False, classic_attention=None`` is their loop with frozen weights and fused attention.
 
 The arithmetic is the package's own pure functions (``nti_lightning.engine.ddim``), so the engine can be checked
 against it bit for bit where it does the same operations. It exists to be measured, not used.
@@ -47,16 +47,15 @@ class BaselineResult:
 
 
 @contextmanager
-def _as_distributed(unet, weights_grad: bool, classic_attention: bool):
+def _as_distributed(unet, weights_grad: bool, classic_attention):
     """The UNet as the authors' code runs it, restored afterwards: weight gradients on (``weights_grad``) and
-    every attention layer through an explicit-softmax hook (``classic_attention``)."""
+    every attention layer through an explicit-softmax hook (``classic_attention``: layer name → its processor,
+    e.g. Prompt-to-Prompt's ``P2PAttnProcessor`` with an identity controller, as their code registers one)."""
     frozen = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(weights_grad)  # as distributed: backward also computes every weight gradient
     processors = unet.attn_processors
     if classic_attention:
-        from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
-
-        unet.set_attn_processor({n: P2PAttnProcessor(lambda a, c, p: a, place_in_unet(n)) for n in processors})
+        unet.set_attn_processor({n: classic_attention(n) for n in processors})
     try:
         with stock_attention_dispatch(unet):  # diffusers' Attention.forward, as their code gets it
             yield
@@ -111,13 +110,27 @@ def _optimise_null(eps, schedule, i, z_cur, z_target, cond, uncond, cfg, calls) 
     return uncond, steps, eps_cond
 
 
+@torch.no_grad()
+def _advance(eps, schedule, t, latent: Tensor, cond, uncond, eps_cond, cfg, calls: dict, recompute_cond: bool):
+    """z̄_{t−1} from the optimised ∅_t (``get_noise_pred``): as distributed, both branches again in one batched
+    call; else the timestep's conditional ε reused and one unconditional call."""
+    if recompute_cond:
+        context = torch.cat([uncond, cond])  # (2, L, D)
+        eps_uncond, eps_cond = eps(torch.cat([latent] * 2), t, context).chunk(2)
+        calls["final_batched"] += 1
+    else:
+        eps_uncond = eps(latent, t, uncond)
+        calls["uncond"] = calls.get("uncond", 0) + 1
+    return ddim_step(schedule, latent, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t))
+
+
 def baseline_invert(
     model,
     pixels: Tensor,
     prompt: str,
     cfg: InversionConfig,
     weights_grad: bool = True,
-    classic_attention: bool = False,
+    classic_attention=None,
     recompute_cond: bool = True,
 ) -> BaselineResult:
     """Null-text-inverts one image (pixels: (1, 3, H, W) in [-1, 1]) the way the authors' code does.
@@ -155,17 +168,7 @@ def baseline_invert(
                 eps, schedule, i, latent_cur, latents[T - i - 1], cond, uncond, cfg, calls
             )
             null_list.append(uncond[:1].detach())
-            with torch.no_grad():  # ``get_noise_pred``: both branches again, in one batched call
-                if recompute_cond:
-                    context = torch.cat([uncond, cond])  # (2, L, D)
-                    eps_uncond, eps_cond = eps(torch.cat([latent_cur] * 2), t, context).chunk(2)
-                    calls["final_batched"] += 1
-                else:
-                    eps_uncond = eps(latent_cur, t, uncond)
-                    calls["uncond"] = calls.get("uncond", 0) + 1
-                latent_cur = ddim_step(
-                    schedule, latent_cur, classifier_free_guidance(eps_uncond, eps_cond, cfg.guidance_scale), int(t)
-                )
+            latent_cur = _advance(eps, schedule, t, latent_cur, cond, uncond, eps_cond, cfg, calls, recompute_cond)
     return BaselineResult(
         null_embeddings=torch.cat(null_list).cpu(),  # (T, L, D)
         pivot_z0=z0[0].cpu(),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,13 +34,15 @@ from torch import Tensor
 
 from nti_lightning import __version__
 from nti_lightning.config import InversionConfig
-from nti_lightning.engine.algorithm import Kind, Progress, Request, StepOutcome
-from nti_lightning.engine.ddim import classifier_free_guidance, ddim_transition, row_alphas, schedule_from_scheduler
+from nti_lightning.engine.algorithm import Progress
+from nti_lightning.engine.ddim import schedule_from_scheduler
 from nti_lightning.engine.inverters import get_inverter
 from nti_lightning.engine.nulltext import RowAdam
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.sampling import encode_latents
 from nti_lightning.engine.slot_bank import SlotBank
+from nti_lightning.engine.slot_calls import run_grad, run_no_grad
+from nti_lightning.engine.slot_state import SlotState, engine_state, load_engine_state
 from nti_lightning.store.inversion import Inversion, scheduler_identity
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,22 +85,6 @@ class Tick:
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _SlotState:
-    tag: Any
-    prompt: str
-    progress: Progress
-    request: Request | None = None
-    since: int = 0  # tick at which ``request`` was made: the oldest requests are served first
-    seconds: float = 0.0  # share of the UNet calls' time so far
-    gen: Any = field(default=None, repr=False)
-
-
-def _per_slot(name: str) -> bool:
-    """Whether a bank tensor has one row per slot (all but the model's null, ``null_<key>``)."""
-    return not name.startswith("null_")
 
 
 class _SlotHandle:
@@ -184,7 +170,7 @@ class SlotEngine:
         # the per-row Adam over the nulls being optimised, stepped through Fabric's precision plugin
         self.adam = RowAdam(list(self.bank.working.values())) if learnable else None
         self._stepper = self.runtime.setup_optimizer(self.adam) if learnable else None
-        self.slots: list[_SlotState | None] = [None] * self.num_slots
+        self.slots: list[SlotState | None] = [None] * self.num_slots
         self.tick = 0
         self.calls = {"grad": 0, "no_grad": 0, "rows": 0, "padded_rows": 0}
         self.image_size = size
@@ -268,7 +254,7 @@ class SlotEngine:
             bank.cond(k)[s] = v[0].to(bank.cond(k).device)
         bank.inner_steps[s] = 0
         bank.final_loss[s] = float("nan")
-        self.slots[s] = _SlotState(adm.tag, adm.prompt, Progress())
+        self.slots[s] = SlotState(adm.tag, adm.prompt, Progress())
         self._start(s)
         return None
 
@@ -337,199 +323,20 @@ class SlotEngine:
 
     # -- the two kinds of UNet call ------------------------------------------------------------------------
 
-    def _padded(self, rows: list[int]) -> list[int]:
-        if self.pad and len(rows) < self.rows:
-            self.calls["padded_rows"] += self.rows - len(rows)
-            return rows + [rows[-1]] * (self.rows - len(rows))
-        return rows
-
-    def _timesteps(self, requests: list[Request]) -> list[int]:
-        """The UNet's timestep per request: t_{T−k} for pivot step k (inversion runs 1, 21, …), else t_i."""
-        ts, T = self.schedule.timesteps, self.schedule.num_steps
-        return [int(ts[T - 1 - r.index]) if r.kind is Kind.PIVOT else int(ts[r.index]) for r in requests]
-
-    @torch.no_grad()
     def _run_no_grad(self, rows: list[int]) -> dict[int, Any]:
-        """PIVOT, COND and ADVANCE rows in one call without grad, then each kind's DDIM arithmetic."""
-        bank, n = self.bank, len(rows)
-        call = self._padded(rows)
-        reqs = [self.slots[s].request for s in call]
-        dev = bank.z_bar.device
-        z = torch.stack(
-            [bank.trajectory[s, r.index] if r.kind is Kind.PIVOT else bank.z_bar[s] for s, r in zip(call, reqs)]
-        )
-        t = torch.tensor(self._timesteps(reqs), device=dev)
-        # ADVANCE rows take their ∅_t, the others ψ(P): one gather each, then a row-wise choice
-        slots_t = torch.tensor(call, device=dev)
-        null = bank.null_rows(slots_t, torch.tensor([r.index for r in reqs], device=dev))
-        advance = torch.tensor([r.kind is Kind.ADVANCE for r in reqs], device=dev)
-        cond = {
-            k: torch.where(advance.view(-1, *[1] * (null[k].dim() - 1)), null[k], bank.cond(k)[slots_t])
-            for k in bank.keys
-        }
-        out = self.denoise(z, t, cond)[:n]  # (n, C, h, w)
-        self.calls["no_grad"] += 1
-        self.calls["rows"] += n
-        answers: dict[int, Any] = {}
-        by_kind: dict[Kind, list[int]] = {}
-        for pos, r in enumerate(reqs[:n]):
-            by_kind.setdefault(r.kind, []).append(pos)
-        pt = self.schedule.prediction_type
-        if Kind.PIVOT in by_kind:  # line 4: z*_{k+1} = DDIM⁻¹(z*_k, ε(z*_k, t_{k+1}, C)), w = 1
-            pos = torch.tensor(by_kind[Kind.PIVOT], device=dev)
-            a_from, a_to = row_alphas(self.schedule, t[pos], inverse=True)
-            z_next = ddim_transition(z[pos], out[pos], a_from, a_to, pt)
-            slots = torch.tensor([rows[p] for p in by_kind[Kind.PIVOT]], device=dev)
-            steps = torch.tensor([reqs[p].index + 1 for p in by_kind[Kind.PIVOT]], device=dev)
-            bank.trajectory[slots, steps] = z_next
-            for p, ok in zip(by_kind[Kind.PIVOT], torch.isfinite(z_next.flatten(1)).all(1).tolist()):
-                answers[rows[p]] = None if ok else FloatingPointError("non-finite latent in the DDIM inversion (pivot)")
-        if Kind.COND in by_kind:  # ε(z̄_t, t, C), kept for every inner step of this timestep
-            pos = torch.tensor(by_kind[Kind.COND], device=dev)
-            bank.cond_out[torch.tensor([rows[p] for p in by_kind[Kind.COND]], device=dev)] = out[pos]
-            answers.update({rows[p]: None for p in by_kind[Kind.COND]})
-        if Kind.ADVANCE in by_kind:  # line 11: z̄_{t−1} = z_{t−1}(z̄_t, ∅_t, C), guidance w
-            pos = torch.tensor(by_kind[Kind.ADVANCE], device=dev)
-            slots = torch.tensor([rows[p] for p in by_kind[Kind.ADVANCE]], device=dev)
-            guided = classifier_free_guidance(out[pos], bank.cond_out[slots], self.cfg.guidance_scale)
-            a_t, a_prev = row_alphas(self.schedule, t[pos])
-            z_next = ddim_transition(z[pos], guided, a_t, a_prev, pt)
-            bank.z_bar[slots] = z_next
-            for p, ok in zip(by_kind[Kind.ADVANCE], torch.isfinite(z_next.flatten(1)).all(1).tolist()):
-                i = reqs[p].index
-                answers[rows[p]] = None if ok else FloatingPointError(f"non-finite latent z̄ at timestep index {i}")
-        return answers
+        return run_no_grad(self, rows)
 
     def _run_grad(self, rows: list[int]) -> dict[int, Any]:
-        """INNER rows: Algorithm 1, line 9 — the loss, its gradient to each row's ∅_t (the bank's parameters,
-        through Fabric's backward), one Adam step per row (through Fabric's optimiser step and precision)."""
-        bank, n = self.bank, len(rows)
-        call = self._padded(rows)
-        reqs = [self.slots[s].request for s in call]
-        dev = bank.z_bar.device
-        T = self.schedule.num_steps
-        slots = torch.tensor(call, device=dev)
-        steps = torch.tensor([r.index for r in reqs], device=dev)
-        self.adam.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            batch = {
-                "denoise": self.denoise,
-                "schedule": self.schedule,
-                "guidance_scale": self.cfg.guidance_scale,
-                "z": bank.z_bar[slots],
-                "t": torch.tensor(self._timesteps(reqs), device=dev),
-                "null": bank.null_rows(slots, steps, optimising=True),  # ∅_t of each row, with grad
-                "cond_out": bank.cond_out[slots],
-                "target": bank.trajectory[slots, T - 1 - steps],  # z*_{t−1}
-            }
-            loss = bank.training_step(batch)[:n]  # (n,); padding rows take no part in the loss
-            total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
-        loss_host = loss.detach().cpu()  # the one host sync of an inner step
-        self.adam.select(slots[:n], [r.lr for r in reqs[:n]], torch.isfinite(loss_host))
-        self.runtime.backward(total)
-        self._stepper.step()  # Fabric: the precision plugin's optimizer_step (16-mixed: per-row unscale and skip)
-        self.calls["grad"] += 1
-        self.calls["rows"] += n
-        apply = self.adam.applied
-        with torch.no_grad():
-            idx = apply.nonzero().squeeze(1).to(dev)
-            if len(idx):
-                bank.inner_steps[slots[:n][idx], steps[:n][idx]] += 1
-            bank.final_loss[slots[:n], steps[:n]] = loss.detach().float()
-        answers: dict[int, Any] = {}
-        for pos, s in enumerate(rows):
-            value = float(loss_host[pos])
-            if value != value or value in (float("inf"), float("-inf")):
-                answers[s] = FloatingPointError(
-                    f"non-finite loss at timestep index {reqs[pos].index} during null-text optimisation; not saved"
-                )
-            else:
-                answers[s] = StepOutcome(value, bool(apply[pos]))
-        return answers
+        return run_grad(self, rows)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit: the rows of the occupied slots of the bank (parameters and
-        buffers) and of the optimiser, the precision plugin's state (16-mixed's loss scale), every slot's
-        progress. Free slots are not saved: nothing of an image that left a slot is read again."""
-        occupied = [s for s, st in enumerate(self.slots) if st is not None]
-        rows = torch.tensor(occupied, dtype=torch.long)
-        bank = {}
-        for k, v in self.bank.state_dict().items():
-            v = v.detach().cpu()
-            bank[k] = v[rows].clone() if _per_slot(k) else v.clone()
-        adam = None
-        if self.adam is not None:
-            live = self.adam.state_dict()  # (its "state" dicts are the optimiser's own: copied, never changed)
-            adam = {
-                "param_groups": live["param_groups"],
-                "row_steps": live["row_steps"][rows].clone(),
-                "state": {
-                    i: {name: v.detach().cpu()[rows].clone() for name, v in st.items()}
-                    for i, st in live["state"].items()
-                },
-            }
-        return {
-            "occupied": occupied,
-            "bank": bank,
-            "adam": adam,
-            "precision": self.runtime.precision_state(),
-            "tick": self.tick,
-            "slots": [
-                None
-                if st is None
-                else {
-                    "tag": st.tag,
-                    "prompt": st.prompt,
-                    "progress": asdict(st.progress),
-                    "request": [st.request.kind.value, st.request.index],
-                    "since": st.since,
-                    "seconds": st.seconds,
-                }
-                for st in self.slots
-            ],
-            "calls": dict(self.calls),
-        }
+        """Everything needed to continue bit for bit (``slot_state.engine_state``)."""
+        return engine_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["slots"]) != self.num_slots:
-            raise ValueError(f"checkpoint has {len(state['slots'])} slots, this engine {self.num_slots}")
-        rows = torch.tensor(state["occupied"], dtype=torch.long)
-        full = self.bank.state_dict()
-        for k, v in state["bank"].items():
-            if _per_slot(k):
-                full[k] = torch.zeros_like(full[k])
-                full[k][rows.to(full[k].device)] = v.to(full[k].device)
-            else:
-                full[k] = v.to(full[k].device)
-        self.bank.load_state_dict(full)
-        if self.adam is not None:
-            saved, live = state["adam"], self.adam.state_dict()
-            steps = torch.zeros_like(live["row_steps"])
-            steps[rows] = saved["row_steps"]
-            whole = {"param_groups": live["param_groups"], "row_steps": steps, "state": {}}
-            for i, st in live["state"].items():
-                whole["state"][i] = {}
-                for name, v in st.items():
-                    full = torch.zeros_like(v)
-                    full[rows.to(v.device)] = saved["state"][i][name].to(v.device)
-                    whole["state"][i][name] = full
-            self.adam.load_state_dict(whole)
-        self.runtime.load_precision_state(state["precision"])
-        self.tick = int(state["tick"])
-        self.calls = dict(state["calls"])
-        for s, saved in enumerate(state["slots"]):
-            if saved is None:
-                self.slots[s] = None
-                continue
-            self.slots[s] = _SlotState(saved["tag"], saved["prompt"], Progress(**saved["progress"]))
-            self._start(s)
-            kind, index = saved["request"]
-            if (self.slots[s].request.kind.value, self.slots[s].request.index) != (kind, index):
-                raise ValueError(f"checkpoint slot {s}: saved request {kind}@{index} is not where its progress leads")
-            self.slots[s].since = int(saved["since"])
-            self.slots[s].seconds = float(saved.get("seconds", 0.0))
+        load_engine_state(self, state)
 
     @property
     def tags(self) -> list[Any]:

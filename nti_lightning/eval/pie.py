@@ -74,7 +74,8 @@ class PieError:
 
 @dataclass(frozen=True)
 class PieEntry:
-    """One PIE-Bench editing task. ``mask`` is True on the edited region (512×512, row-major as in PIE)."""
+    """One PIE-Bench editing task. ``mask`` is True on the edited region (512×512, row-major as in PIE), decoded
+    from its checked run-length list on each access (an entry holds 512² bits only while it is used)."""
 
     entry_id: str
     image_file: Path
@@ -83,7 +84,11 @@ class PieEntry:
     editing_instruction: str
     editing_type_id: str
     blended_word: str
-    mask: np.ndarray
+    mask_rle: tuple[int, ...]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return decode_rle(list(self.mask_rle))
 
     @property
     def source_prompt(self) -> str:
@@ -214,7 +219,7 @@ def _parse_entry(entry_id: str, item: object, root: Path, file: str) -> PieEntry
     if not image_file.is_file():
         return bad(f"image {image_file} not found", "fix image_path (relative to annotation_images/)")
     try:
-        mask = decode_rle(item["mask"])
+        _check_rle(item["mask"], PIE_SIZE)
     except RleError as exc:
         return bad(f"mask does not decode to {PIE_SIZE}x{PIE_SIZE}: {exc}", "re-encode it with encode_rle(mask)")
     return PieEntry(
@@ -225,5 +230,5 @@ def _parse_entry(entry_id: str, item: object, root: Path, file: str) -> PieEntry
         editing_instruction=item["editing_instruction"],
         editing_type_id=type_id,
         blended_word=item["blended_word"],
-        mask=mask,
+        mask_rle=tuple(item["mask"]),
     )

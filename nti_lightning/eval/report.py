@@ -1,8 +1,11 @@
-"""Evaluation outputs: per-image JSONL (append-safe, resumable), summary JSON/Markdown, plot and image strips.
+"""Evaluation outputs: the records of every worker read back, summary JSON/Markdown, plot and image strips.
 
-The Markdown table has the columns of PIE-Bench's Table 1 (Ju et al., "PnP Inversion", ICLR 2024) with the same
-scalings (Structure ×10³, LPIPS ×10³, MSE ×10⁴, SSIM ×10²), plus the reconstruction's PSNR / SSIM / LPIPS (the
-inversion alone) and seconds and UNet calls per image.
+``nti eval`` records each finished (image, method) pair through the run layer (``run.records.RecordLog``: one
+manifest line per pair, committed by its index entry, per worker). Here they are read back from every worker's
+manifests (``read_records``: the latest record of each pair) and summarised. The Markdown table has the columns
+of PIE-Bench's Table 1 (Ju et al., "PnP Inversion", ICLR 2024) with the same scalings (Structure ×10³, LPIPS
+×10³, MSE ×10⁴, SSIM ×10²), plus the reconstruction's PSNR / SSIM / LPIPS (the inversion alone) and seconds and
+UNet calls per image. Every file is written atomically (``store.files.atomic_write``).
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nti_lightning.store.files import atomic_save_image, atomic_write
+
 log = logging.getLogger(__name__)
 PER_IMAGE = "per_image.jsonl"
-KEYS = ("id", "method", "done")
+KEYS = ("id", "image_id", "method", "status", "finished_at", "rank", "shard", "done")
+"""Record fields that are not measurements (left out of the means)."""
 COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     # (record key, column title, scale, decimals) — PIE-Bench Table 1
     ("structure_distance", "Structure Distance ×10³ ↓", 1e3, 2),
@@ -39,59 +44,39 @@ COLUMNS: tuple[tuple[str, str, float, int], ...] = (
 MISSING = "—"
 
 
-def append_record(out: str | Path, record: dict) -> None:
-    """Append one finished (image, method) record to OUT/per_image.jsonl as one line with ``done: true``.
-
-    One ``write`` per line, flushed and fsynced; a partial last line left by a crash is skipped by the reader and
-    the next record starts on a fresh line.
-    """
-    if "id" not in record or "method" not in record:
-        raise ValueError("a record needs 'id' and 'method'")
-    path = Path(out) / PER_IMAGE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({**record, "done": True}, allow_nan=True, default=_jsonable) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _jsonable(value: object) -> object:
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
+def pair_id(image_id: str, method: str) -> str:
+    """The record id of one (image, method) pair."""
+    return f"{image_id}/{method}"
 
 
 def read_records(out: str | Path) -> list[dict]:
-    """All complete records of OUT/per_image.jsonl (malformed or partial lines are skipped)."""
-    path = Path(out) / PER_IMAGE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("done") is True and "id" in rec and "method" in rec:
-            records.append(rec)
-    return records
+    """The finished pairs of every worker of OUT (its ``manifest*.jsonl``): the latest "ok" record of each pair,
+    in the order they finished. A non-finite measurement, stored as null with ``<key>_nonfinite``, is NaN again."""
+    from nti_lightning.store.manifest import read_manifest
+
+    records = [_finite_back(r) for r in read_manifest(out).values() if r.get("status") == "ok" and "method" in r]
+    return sorted(records, key=lambda r: float(r.get("finished_at") or 0.0))
+
+
+def _finite_back(rec: dict) -> dict:
+    out = dict(rec)
+    for k, v in rec.items():
+        if k.endswith("_nonfinite") and out.get(k[: -len("_nonfinite")]) is None:
+            out[k[: -len("_nonfinite")]] = float(v)
+            del out[k]
+    return out
 
 
 def finished(out: str | Path) -> set[tuple[str, str]]:
-    """(image id, method) pairs already done, for resuming a run."""
-    return {(str(r["id"]), str(r["method"])) for r in read_records(out)}
+    """(image id, method) pairs with a finished record in OUT."""
+    return {(str(r.get("image_id", r["id"])), str(r["method"])) for r in read_records(out)}
 
 
 def summarize(records: Iterable[dict]) -> dict[str, dict[str, float]]:
     """{method: {metric: mean}} over images; the last record of an (id, method) wins; NaN/inf values are left out."""
     latest: dict[tuple[str, str], dict] = {}
     for r in records:
-        latest[(str(r["id"]), str(r["method"]))] = r
+        latest[(str(r.get("image_id", r["id"])), str(r["method"]))] = r
     values: dict[str, dict[str, list[float]]] = {}
     for (_, method), r in latest.items():
         per = values.setdefault(method, {})
@@ -118,27 +103,36 @@ def _cell(value: float | None, scale: float, decimals: int) -> str:
     return f"{value * scale:.{decimals}f}"
 
 
-def write_summary(out: str | Path, records: list[dict] | None = None) -> dict[str, dict[str, float]]:
-    """Write OUT/summary.json, OUT/summary.md and OUT/psnr_vs_time.png (if matplotlib is there); returns the summary."""
+def write_summary(
+    out: str | Path, records: list[dict] | None = None, tmp_dir: Path | None = None, methods: Iterable[str] = ()
+) -> dict:
+    """Writes OUT/summary.json, OUT/summary.md, OUT/per_image.jsonl (every finished pair's record, one line each)
+    and OUT/psnr_vs_time.png (if matplotlib is there) from ``records`` (default: ``read_records(out)``); returns
+    the summary, its methods in the order of ``methods`` first."""
     out = Path(out)
     records = read_records(out) if records is None else records
     summary = summarize(records)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary = {m: summary[m] for m in dict.fromkeys([*methods, *summary]) if m in summary}
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), tmp_dir)
     counts = ", ".join(f"{m} {len(ids)}" for m, ids in _group_ids(records).items())
-    (out / "summary.md").write_text(markdown_table(summary) + f"\nImages per method: {counts}.\n", encoding="utf-8")
-    plot_psnr_vs_time(summary, out / "psnr_vs_time.png")
+    table = markdown_table(summary) + f"\nImages per method: {counts}.\n"
+    atomic_write(out / "summary.md", table.encode("utf-8"), tmp_dir)
+    from nti_lightning.run.records import dumps
+
+    lines = "".join(dumps(r) + "\n" for r in records)
+    atomic_write(out / PER_IMAGE, lines.encode("utf-8"), tmp_dir)
+    plot_psnr_vs_time(summary, out / "psnr_vs_time.png", tmp_dir)
     return summary
 
 
 def _group_ids(records: Iterable[dict]) -> dict[str, set[str]]:
     groups: dict[str, set[str]] = {}
     for r in records:
-        groups.setdefault(str(r["method"]), set()).add(str(r["id"]))
+        groups.setdefault(str(r["method"]), set()).add(str(r.get("image_id", r["id"])))
     return groups
 
 
-def plot_psnr_vs_time(summary: dict[str, dict[str, float]], path: str | Path) -> bool:
+def plot_psnr_vs_time(summary: dict[str, dict[str, float]], path: str | Path, tmp_dir: Path | None = None) -> bool:
     """Background PSNR against seconds/image, one point per method. False (one log line) without matplotlib."""
     try:
         import matplotlib
@@ -158,7 +152,7 @@ def plot_psnr_vs_time(summary: dict[str, dict[str, float]], path: str | Path) ->
     ax.set_title("PIE-Bench-format: background preservation vs time")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"), tmp_dir)
     plt.close(fig)
     return True
 
@@ -184,8 +178,11 @@ def _labelled(image: Image.Image, label: str, band: int) -> Image.Image:
     return tile
 
 
-def image_strip(source, per_method: dict[str, tuple], path: str | Path, size: int = 256, gap: int = 4) -> Image.Image:
-    """One image's strip: source, then (reconstruction, edit) of each method, each tile labelled; saved to ``path``.
+def image_strip(
+    source, per_method: dict[str, tuple], path: str | Path, size: int = 256, gap: int = 4, tmp_dir: Path | None = None
+) -> Image.Image:
+    """One image's strip: source, then (reconstruction, edit) of each method, each tile labelled; saved to ``path``
+    (atomically).
 
     ``per_method`` maps a method to (reconstruction, edit); either may be None (left out).
     """
@@ -198,6 +195,5 @@ def image_strip(source, per_method: dict[str, tuple], path: str | Path, size: in
     strip = Image.new("RGB", (len(tiles) * (size + gap) - gap, size + band), "white")
     for i, tile in enumerate(tiles):
         strip.paste(tile, (i * (size + gap), 0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    strip.save(path)
+    atomic_save_image(Path(path), strip, tmp_dir)
     return strip

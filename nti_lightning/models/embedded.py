@@ -63,14 +63,16 @@ def shared_components(folder: Path, dtype: torch.dtype = torch.float32) -> dict[
         if name == "vae":
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(src, torch_dtype=torch.float32)
+            from nti_lightning.models.compat import dtype_kwargs
+
+            vae = AutoencoderKL.from_pretrained(src, **dtype_kwargs(torch.float32))
             if vae.config.scaling_factor != config["scaling_factor"]:
                 refold_scaling_factor(vae, config["scaling_factor"], bool(config.get("force_upcast", False)))
             out[name] = vae.to(dtype).eval()
         elif name == "text_encoder":
             from transformers import CLIPTextModel
 
-            encoder = CLIPTextModel.from_pretrained(src, dtype=torch.float32)
+            encoder = CLIPTextModel.from_pretrained(src).float()  # fp32 as stored (dtype= is new in transformers 5)
             if encoder.config.hidden_size != config["hidden_size"]:
                 raise ValueError(f"{folder / name} and {src} differ in hidden_size; retrain with train_tiny.py")
             out[name] = encoder.to(dtype).eval()

@@ -47,15 +47,6 @@ def cat_cond(conds: list[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def cond_rows(cond: Cond, rows: Tensor | slice) -> Cond:
-    """The rows ``rows`` of every tensor."""
-    return {k: v[rows] for k, v in cond.items()}
-
-
-def cond_to(cond: Cond, device=None, dtype=None) -> Cond:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in cond.items()}
-
-
 @dataclass(frozen=True)
 class AttentionLayout:
     """The UNet's cross-attention as Prompt-to-Prompt sees it (Hertz et al. 2022, §3).
@@ -221,10 +212,6 @@ class SDXLFamily(Family):
     def unet_kwargs(self, cond: Cond) -> dict:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return {"encoder_hidden_states": cond["prompt_embeds"], "added_cond_kwargs": added}
-
-
-SD1 = Family()
-"""SD1.x at its defaults (the configs of a real SD1.x model); loaded models carry a ``family_from_configs`` one."""
 
 
 def _heads(unet_config: dict[str, Any]) -> tuple[int, ...]:

@@ -51,7 +51,7 @@ def _from_folder(folder: Path, kwargs: dict):
     except ValueError as e:
         raise ModelFolderError(f"model {folder}: {e}") from e
     cls = _pipeline_class(info.pipeline_class)
-    shared = shared_components(folder, kwargs["dtype"])  # embedded folders: the weights stored once
+    shared = shared_components(folder, kwargs["torch_dtype"])  # embedded folders: the weights stored once
     return cls.from_pretrained(folder, local_files_only=True, **_pipeline_kwargs(info.pipeline_class, kwargs), **shared)
 
 
@@ -122,7 +122,7 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     spec_str = str(spec)
     used_config_dir = None  # only a single-file checkpoint reads its configs from config_dir
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)
     if spec_str in EMBEDDED:
         path, source = EMBEDDED[spec_str], spec_str
         if not (path / "model_index.json").is_file():

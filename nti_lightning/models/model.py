@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from nti_lightning.models.attention_dispatch import direct_attention_dispatch
+from nti_lightning.models.compat import dtype_kwargs
 from nti_lightning.models.detect import SDXL_PIPELINES, ModelFolderError, check_scheduler_config
 from nti_lightning.models.family import Family, family_from_configs
 
@@ -181,8 +182,8 @@ def _pipeline_class(pipeline_class: str | None):
 def _pipeline_kwargs(pipeline_class: str | None, kwargs: dict) -> dict:
     """SD1.x / SD2.x: no safety checker; SDXL has none, and no invisible watermark (it would need a package)."""
     if pipeline_class in SDXL_PIPELINES:
-        return {"dtype": kwargs["dtype"], "add_watermarker": False}
-    return kwargs
+        return {**dtype_kwargs(kwargs["torch_dtype"]), "add_watermarker": False}
+    return {**{k: v for k, v in kwargs.items() if k != "torch_dtype"}, **dtype_kwargs(kwargs["torch_dtype"])}
 
 
 def compute_fingerprint(model: NTIModel) -> str:
@@ -191,7 +192,8 @@ def compute_fingerprint(model: NTIModel) -> str:
     Sampling (first/last 64 values of each tensor) keeps it fast for SD-sized models while still changing
     with any retraining or other checkpoint. Names and shapes pin the architecture (configs are not hashed:
     save/load round trips add bookkeeping keys). Values are hashed at float16 so one checkpoint loaded as
-    float32 or float16 has one fingerprint.
+    float32 or float16 has one fingerprint, and weight names are taken without transformers 4's ``text_model.``
+    prefix, so one model has one fingerprint under every supported transformers release.
     """
     h = hashlib.sha256()
     names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if model.text_encoder_2 is not None else ())
@@ -200,6 +202,7 @@ def compute_fingerprint(model: NTIModel) -> str:
         for key, tensor in getattr(model, name).state_dict().items():
             flat = tensor.detach().flatten()
             sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float16)
+            key = key.removeprefix("text_model.")  # transformers 4 names CLIP text weights text_model.*, 5 does not
             h.update(f"{key}{tuple(tensor.shape)}".encode())
             h.update(sample.numpy().tobytes())
     h.update(str(len(model.tokenizer)).encode())

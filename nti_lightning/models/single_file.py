@@ -236,7 +236,7 @@ def from_single_file(path: Path, config_dir, kwargs: dict):
             check_checkpoint_matches(shapes, info.unet, path, config_dir)
         extra = {"config": str(config_dir), "local_files_only": True}
         if sdxl:
-            extra["text_encoder_2"] = sdxl_text_encoder_2(path, Path(config_dir), kwargs["dtype"])
+            extra["text_encoder_2"] = sdxl_text_encoder_2(path, Path(config_dir), kwargs["torch_dtype"])
         pipeline_class = info.pipeline_class
     cls = _pipeline_class(pipeline_class)
     try:

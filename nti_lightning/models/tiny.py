@@ -28,7 +28,6 @@ the sd1 one refolded to SDXL's ``scaling_factor`` 0.13025 with ``force_upcast``,
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +209,10 @@ def build_tokenizer(path: str | Path | None = None, pad_token: str = EOS_TOKEN) 
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"tokenizer file {folder / name} is missing; run scripts/train_tiny.py")
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    tokenizer = CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
+    # from_pretrained reads the folder's vocab.json and merges.txt in transformers 4 and 5 (the constructor's
+    # arguments differ: file paths in 4, a dict and a list in 5)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        folder,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=pad_token,

@@ -79,6 +79,12 @@ def prompt_words(tokenizer, prompt: str) -> list[Word]:
     return words
 
 
+def same_prompt(tokenizer, a: str, b: str) -> bool:
+    """Whether two prompts are one prompt to the model: the same token ids (CLIP lower-cases and collapses
+    whitespace, so "A Cat" and "a  cat" are the prompt "a cat")."""
+    return _tokens(tokenizer, a) == _tokens(tokenizer, b)
+
+
 def prompt_length(words: list[Word]) -> int:
     """Number of token positions used: start + words + end."""
     return 2 + sum(len(w.positions) for w in words)

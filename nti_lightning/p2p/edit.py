@@ -85,14 +85,14 @@ class EditResult:
 
 
 def resolve_mode(tokenizer, source: str, spec: EditSpec) -> str | None:
-    """The spec's mode, or inferred: same prompt → "reweight" if re-weighting else None (nothing to edit);
-    same number of words → "replace"; otherwise "refine"."""
+    """The spec's mode, or inferred: the same prompt (the same tokens) → "reweight" if re-weighting else None
+    (nothing to edit); same number of words → "replace"; otherwise "refine"."""
     if spec.mode is not None:
         if spec.mode not in EDIT_MODES:
             raise ValueError(f"unknown edit mode {spec.mode!r}; choose one of {', '.join(EDIT_MODES)}")
         return spec.mode
     ws, wt = alignment.prompt_words(tokenizer, source), alignment.prompt_words(tokenizer, spec.target)
-    if ws == wt:
+    if alignment.same_prompt(tokenizer, source, spec.target):
         return "reweight" if spec.reweight else None
     return "replace" if len(ws) == len(wt) else "refine"
 

@@ -3,19 +3,26 @@
 A line is ``{"image_id" | "inversion", "target", "mode", "blend", "reweight", "cross_replace",
 "self_replace", "guidance_scale"}``; only ``target`` is required. ``mode``, ``cross_replace``,
 ``self_replace`` and ``guidance_scale`` override the run's ``EditConfig`` (the command line's) for that line.
-Every problem is a ValueError / FileNotFoundError naming the field, so the line fails and the others go on.
+Every problem is a ValueError / FileNotFoundError naming the field and the fix, so the line fails and the others
+go on.
+
+Nothing a line says is joined to a path as written: an ``image_id`` is checked (``data.ids.check_id``) and looked
+up among the images the run recorded as done (``recorded_inversions``: the one place that knows how a run
+records them); an ``inversion`` path must lie inside the output folder (``store.files.inside``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nti_lightning.edit_args import parse_assignments, parse_cross_replace, parse_window
-from nti_lightning.edit_config import EditConfig
+from nti_lightning.data.ids import UnsafeIdError, check_id, printable
+from nti_lightning.edit_config import EditConfig, parse_assignments, parse_cross_replace, parse_window
 from nti_lightning.p2p.edit import EditSpec
+from nti_lightning.store.files import OutsideRootError, inside
 
 CONFIG_KEYS = ("mode", "cross_replace", "self_replace", "guidance_scale")
 """Fields of ``EditConfig`` a line may set."""
@@ -28,25 +35,34 @@ class Line:
 
     number: int  # 1-based line in the JSONL
     record: dict
+    text: str = ""  # the line's content, canonical (a JSON object with sorted keys), for its record id
     image_id: str = ""
     inversion: Path | None = None
     spec: EditSpec | None = None
     config: EditConfig | None = None  # the run's, with this line's fields
-    edits_dir: Path | None = None  # None: root/<image_id>/edits
+
+    @property
+    def record_id(self) -> str:
+        """The line's id in the job's records: its number and a hash of its content (a changed line is redone)."""
+        digest = hashlib.blake2b(self.text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+        return f"line{self.number:06d}.{digest}"
 
 
-def read_edit_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line number, record or None, error or None) for every non-blank line."""
-    with open(path, encoding="utf-8") as f:
+def read_edit_lines(path: Path) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    """(line number, canonical content, record or None, error or None) for every non-blank line, streamed."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
                 continue
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
-                yield n, None, f"not valid JSON ({e.msg})"
+                yield n, text.strip(), None, f"not valid JSON ({e.msg}); fix the line: one JSON object per line"
                 continue
-            yield (n, rec, None) if isinstance(rec, dict) else (n, None, "not a JSON object")
+            if not isinstance(rec, dict):
+                yield n, text.strip(), None, 'not a JSON object; give {"image_id": ..., "target": ...}'
+                continue
+            yield n, json.dumps(rec, sort_keys=True, ensure_ascii=False), rec, None
 
 
 def spec_from_record(rec: dict, defaults: EditConfig) -> tuple[EditSpec, EditConfig]:
@@ -86,42 +102,65 @@ def _optional_float(value) -> float | None:
     return float(value) if value is not None else None
 
 
-class ManifestLookup:
-    """image id → inversion path (relative to ``root``) of the finished images of an ``nti invert`` output
-    folder, from its manifests (with ``output.subdirs=true`` an image's folder is ``root/ab/<id>/``); the
-    manifests are read once, at the first id not found at ``root/<id>/``."""
+def recorded_inversions(root: Path) -> Callable[[str], Path | None]:
+    """image id → the inversion file of that finished image of the ``nti invert`` run in ``root`` (None: not
+    recorded as done), from the run's manifests (read once, at the first lookup); each recorded path is checked
+    to lie inside ``root``. The one lookup of ids in the edit job."""
+    paths: dict[str, str] | None = None
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._paths: dict[str, str] | None = None
+    def lookup(image_id: str) -> Path | None:
+        nonlocal paths
+        if paths is None:
+            from nti_lightning.store.manifest import read_manifest
 
-    def __call__(self, image_id: str) -> str | None:
-        if self._paths is None:
-            from nti_lightning.run import read_manifest
-
-            recs = read_manifest(self.root)
-            self._paths = {
-                k: r["paths"]["inversion"] for k, r in recs.items() if r.get("status") == "ok" and "paths" in r
+            recs = read_manifest(root)
+            paths = {
+                k: r["paths"]["inversion"]
+                for k, r in recs.items()
+                if r.get("status") == "ok" and isinstance(r.get("paths"), dict) and "inversion" in r["paths"]
             }
-        return self._paths.get(image_id)
+        rel = paths.get(image_id)
+        return inside(root, rel) if isinstance(rel, str) else None
+
+    return lookup
 
 
-def resolve_line(root: Path, line: Line, defaults: EditConfig, lookup: ManifestLookup | None = None) -> None:
-    """Fills ``line``'s inversion, image id, spec and config (raises ValueError / FileNotFoundError)."""
+def resolve_line(root: Path, line: Line, defaults: EditConfig, lookup: Callable[[str], Path | None]) -> None:
+    """Fills ``line``'s inversion, image id, spec and config (raises ValueError / FileNotFoundError with the fix)."""
     rec = line.record
+    if "image_id" in rec:
+        line.image_id = _checked_id(rec["image_id"])
     if "inversion" in rec:
-        path = Path(rec["inversion"])
-        line.inversion = path if path.is_absolute() else root / path
-        line.image_id = str(rec.get("image_id") or line.inversion.parent.name)
+        if not isinstance(rec["inversion"], str) or not rec["inversion"]:
+            raise ValueError('"inversion" must be a path (a string) inside the output folder')
+        try:
+            line.inversion = inside(root, rec["inversion"])
+        except OutsideRootError:
+            raise ValueError(
+                f'"inversion" {rec["inversion"]!r} is outside the output folder {root}; give a path inside it '
+                '(relative to it, e.g. "images/cat/inversion.safetensors"), or the image\'s "image_id"'
+            ) from None
     elif "image_id" in rec:
-        line.image_id = str(rec["image_id"])
-        line.inversion = root / line.image_id / "inversion.safetensors"
-        found = lookup(line.image_id) if lookup is not None and not line.inversion.is_file() else None
-        if found:  # output.subdirs: root/ab/<id>/, edits next to it
-            line.inversion = root / found
-            line.edits_dir = line.inversion.parent / "edits"
+        line.inversion = lookup(line.image_id)
+        if line.inversion is None:
+            raise FileNotFoundError(
+                f"image id {line.image_id!r} is not among the images {root} recorded as done; fix the id "
+                f"(`nti status {root}` lists the run) or invert the image first"
+            )
     else:
-        raise ValueError('give "image_id" (a sub-folder of the output folder) or "inversion" (a file)')
+        raise ValueError('give "image_id" (an image of the output folder) or "inversion" (a file inside it)')
     if not line.inversion.is_file():
-        raise FileNotFoundError(f"no inversion at {line.inversion}")
+        raise FileNotFoundError(f"no inversion at {line.inversion}; fix the path or invert the image again")
     line.spec, line.config = spec_from_record(rec, defaults)
+
+
+def _checked_id(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f'"image_id" must be a string, got {type(value).__name__}')
+    try:
+        return check_id(value)
+    except UnsafeIdError:
+        raise ValueError(
+            f'"image_id" {printable(value)!r} is not an image id (empty, "." or ".." parts, control characters or '
+            'over 1024 bytes); give the id as `nti invert` recorded it (its manifest\'s "id")'
+        ) from None

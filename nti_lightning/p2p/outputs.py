@@ -7,6 +7,10 @@ of the four exists. A new edit whose stem is taken gets ``<stem>-2``, ``<stem>-3
 "-"), so it neither overwrites an earlier edit nor sits beside an older attention map that looks like its
 own; with ``overwrite`` the earlier edit's four files are all removed first. The ``.json`` is created
 exclusively before the pictures are written, so two processes cannot claim one name.
+
+That rule is for edits made one at a time (``nti edit FILE --target``). The batch form names each line's edit
+itself (its line number and target: the same names on every rerun) and writes it with ``write_edit``, which
+replaces that edit's files and removes an attention map the new edit does not have.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from PIL import Image
 from nti_lightning.edit_config import EditConfig
 from nti_lightning.p2p.edit import EditResult, EditSpec
 from nti_lightning.p2p.figures import edit_strip
-from nti_lightning.store.files import atomic_save_image, atomic_write_bytes
+from nti_lightning.store.files import atomic_save_image, atomic_write
 from nti_lightning.store.inversion import Inversion
 
 
@@ -84,13 +88,28 @@ def save_edit(
     """Writes edit k of ``result`` under a free stem (``claim_stem``): the edit, its labelled strip, its
     attention figure where asked for and recorded, and the settings ``record``. Returns the paths written."""
     stem = claim_stem(folder, stem, config.overwrite)
-    files = edit_files(folder, stem)
-    atomic_save_image(files["edit"], result.images[k])
-    atomic_save_image(files["strip"], edit_strip(source, result, k))
-    if not (config.attention and result.attention is not None):
-        del files["attention"]
+    return write_edit(edit_files(folder, stem), result, k, source, record, config.attention)
+
+
+def write_edit(
+    files: dict[str, Path],
+    result: EditResult,
+    k: int,
+    source: Image.Image,
+    record: dict,
+    attention: bool,
+    tmp_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Edit k of ``result`` into ``files`` (``edit_files``), each atomically (``tmp_dir``: the worker's temporary
+    folder), the settings last; an attention map not asked for or not recorded is removed, so none of another
+    edit stays beside this one. Returns the paths written."""
+    files = dict(files)
+    atomic_save_image(files["edit"], result.images[k], tmp_dir)
+    atomic_save_image(files["strip"], edit_strip(source, result, k), tmp_dir)
+    if not (attention and result.attention is not None):
+        files.pop("attention").unlink(missing_ok=True)
     else:
-        atomic_save_image(files["attention"], result.attention_image(k))
+        atomic_save_image(files["attention"], result.attention_image(k), tmp_dir)
     record = {**record, "files": {name: p.name for name, p in files.items()}}
-    atomic_write_bytes(files["settings"], (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(files["settings"], (json.dumps(record, indent=2) + "\n").encode(), tmp_dir)
     return files

@@ -84,7 +84,7 @@ def target_edit(
         index, alphas = alignment.refinement_mapper(tokenizer, source, target)
         mapper = alignment.refinement_matrix(index, alphas)
     elif mode == "reweight":
-        if alignment.prompt_words(tokenizer, source) != alignment.prompt_words(tokenizer, target):
+        if not alignment.same_prompt(tokenizer, source, target):
             raise alignment.AlignmentError(
                 f"mode 'reweight' re-weights the source prompt's own words; the target {target!r} differs from "
                 f"the source {source!r}. Use mode 'replace' or 'refine' with reweight= to change words too."

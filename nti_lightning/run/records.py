@@ -26,13 +26,14 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nti_lightning import faults
+from nti_lightning.store.manifest import iter_jsonl
 
 INDEX_DIR = ".nti/index"
 FAILURES_DIR = ".nti/failures"
@@ -214,18 +215,6 @@ def read_index_file(path: Path) -> np.ndarray:
     raw = np.fromfile(path, dtype=np.uint8)
     n = len(raw) // ENTRY.itemsize
     return raw[: n * ENTRY.itemsize].view(ENTRY)
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    """The records of one JSONL file; a torn or foreign line is skipped."""
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(rec, dict) and "id" in rec:
-                yield rec
 
 
 class RunIndex:

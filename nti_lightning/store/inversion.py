@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from nti_lightning.store.codec import CodecError, decode, encode
-from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC
+from nti_lightning.store.codec import decode, encode
+from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, parse_codec
 from nti_lightning.store.files import atomic_write
 from nti_lightning.store.validate import (
     FIX_DAMAGED,
@@ -116,6 +116,7 @@ def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC, label: str = 
     """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``); a
     non-finite or misshapen record is refused (``InvalidInversionError`` naming ``label``), never written."""
     check_tensors(inv, label, fix=FIX_NOT_SAVED)
+    parse_codec(codec)  # a clear error for a name that is none, whatever the fields hold
     # 1. own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
     tensors = {
         name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -165,7 +166,12 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
     for name, info in record.get("codecs", {}).items():
         try:
             tensors[name] = decode(tensors[name].numpy().tobytes(), info)
-        except (CodecError, KeyError, TypeError, AttributeError) as e:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as e:  # CodecError, or an info this version cannot read
             raise InvalidInversionError(
                 f"{label}: field {name!r} ({info.get('codec') if isinstance(info, dict) else info}) is corrupt: {e}; "
                 f"{FIX_DAMAGED}"

@@ -6,16 +6,27 @@ tools and people who want whole records: every line of every worker, or the late
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The records of one JSONL file; a torn or foreign line is skipped."""
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict) and "id" in rec:
+                yield rec
+
+
 def iter_manifest_records(out_dir: str | os.PathLike) -> Iterator[dict]:
     """Every record of a run's ``manifest*.jsonl`` files, in file-name then line order; lines cut by a crash
     (and anything that is not a record with an id) are skipped."""
-    from nti_lightning.run.records import iter_jsonl
-
     for p in sorted(Path(out_dir).glob("manifest*.jsonl")):
         yield from iter_jsonl(p)
 

@@ -24,7 +24,6 @@ import torch
 # SD1.5 component configurations
 # ---------------------------------------------------------------------------------------------------------
 
-SD15_IMAGE_SIZE = 512  # unet sample_size 64 × VAE factor 8
 
 SD15_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 64,

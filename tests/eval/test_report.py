@@ -1,4 +1,4 @@
-"""Evaluation outputs: resumable JSONL, summary table, plot, strips."""
+"""Evaluation outputs: every worker's records read back, summary table, plot, strips."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from PIL import Image
 
 from nti_lightning.eval.report import (
     PER_IMAGE,
-    append_record,
     finished,
     image_strip,
     markdown_table,
+    pair_id,
     read_records,
     summarize,
     write_summary,
 )
+from nti_lightning.run.folder import RunFolder, WorkerId
+from nti_lightning.run.records import OK
 
 
 def _records():
@@ -29,18 +31,24 @@ def _records():
     ]
 
 
-def test_append_is_resumable_and_survives_a_partial_line(tmp_path):
-    for r in _records()[:2]:
-        append_record(tmp_path, r)
-    with open(tmp_path / PER_IMAGE, "a") as f:
-        f.write('{"id": "c", "method": "nti", "psnr')  # a crash mid-line
-    append_record(tmp_path, _records()[2])
+def _append(out, worker: WorkerId, records, t0=1.0):
+    log = RunFolder(out, worker).records(lambda line: None)
+    for k, r in enumerate(records):
+        rec = {**r, "image_id": r["id"], "id": pair_id(r["id"], r["method"]), "status": "ok", "finished_at": t0 + k}
+        log.append(rec, OK)
+
+
+def test_records_of_every_worker_are_read_back_latest_first_and_torn_lines_skipped(tmp_path):
+    _append(tmp_path, WorkerId(0, 2), _records()[:2])
+    _append(tmp_path, WorkerId(1, 2), _records()[2:])
+    with open(tmp_path / "manifest.shard1.rank0.jsonl", "a") as f:
+        f.write('{"id": "c/nti", "method": "nti", "psnr')  # a kill mid-line
+    _append(tmp_path, WorkerId(0, 2), [{**_records()[0], "psnr_bg": 21.0}], t0=10.0)  # redone later: it wins
     assert finished(tmp_path) == {("a", "nti"), ("b", "nti"), ("a", "npi")}
     recs = read_records(tmp_path)
-    assert len(recs) == 3 and all(r["done"] is True for r in recs)
-    assert math.isnan(recs[1]["ssim_bg"])
-    lines = (tmp_path / PER_IMAGE).read_text().splitlines()
-    assert len(lines) == 4  # the partial line stayed on its own line
+    assert [(r["image_id"], r["method"]) for r in recs] == [("a", "npi"), ("b", "nti"), ("a", "nti")]  # finish order
+    assert recs[2]["psnr_bg"] == 21.0
+    assert math.isnan(recs[1]["ssim_bg"])  # stored as strict JSON (null + ssim_bg_nonfinite), NaN again here
 
 
 def test_summary_means_ignore_nan_and_last_record_wins():
@@ -73,11 +81,13 @@ def test_markdown_table_has_pie_columns_and_dashes():
 
 
 def test_write_summary_files(tmp_path):
-    for r in _records():
-        append_record(tmp_path, r)
+    _append(tmp_path, WorkerId(), _records())
     s = write_summary(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text()) == s
     assert "Images per method: nti 2, npi 1" in (tmp_path / "summary.md").read_text()
+    per_image = [json.loads(x) for x in (tmp_path / PER_IMAGE).read_text().splitlines()]
+    assert [r["id"] for r in per_image] == ["a/nti", "b/nti", "a/npi"]
+    assert list(write_summary(tmp_path, methods=["npi", "ddim"])) == ["npi", "nti"]  # the order asked for first
     if importlib.util.find_spec("matplotlib") is not None:  # matplotlib is optional: no plot without it
         assert Image.open(tmp_path / "psnr_vs_time.png").size[0] > 100
     else:

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,27 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(noise_dataset, model_dir, tmp_p
     assert (out / "checkpoints" / "shard0.rank0.pt").is_file()
     assert "interrupted" in (out / "logs" / "rank0.log").read_text()
     assert main(_args(noise_dataset, out, model_dir)) == 0
-    assert "resuming " in (out / "logs" / "rank0.log").read_text()
+    log = (out / "logs" / "rank0.log").read_text()
+    n = int(re.search(r"resuming (\d+) in-flight image\(s\)", log).group(1))
+    assert n >= 1 and f" {n} resumed," in log  # the summary counts the images resumed, not checkpoints
+
+
+def test_the_table_names_the_method_and_records_strict_json(noise_dataset, model_dir, tmp_path, capsys):
+    """For ddim the columns say ddim, not NTI; every manifest line and meta.json is strict JSON; each image's
+    seconds are its share of the UNet calls (they add up to no more than the run's wall time)."""
+    from nti_lightning.jobs.invert_outputs import format_header
+
+    assert " NTI*" not in format_header("ddim") and " ddim*" in format_header("ddim") and " NTI*" in format_header()
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    assert main(_args(noise_dataset, out, model_dir, "inversion.method=ddim")) == 0
+    wall = time.perf_counter() - t0
+    assert "ddim*" in capsys.readouterr().out  # --quiet: the table printed at the end
+    recs = [json.loads(x, parse_constant=pytest.fail) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in recs} == {"ddim"} and all("ddim_latent_mse" in r["metrics"] for r in recs)
+    for r in recs:
+        json.loads((out / r["paths"]["meta"]).read_text(), parse_constant=pytest.fail)
+    assert 0 < sum(r["seconds"] for r in recs) <= wall
 
 
 def test_outputs_are_readable_and_config_paths_absolute(noise_dataset, model_dir, tmp_path, monkeypatch):

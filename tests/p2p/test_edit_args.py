@@ -11,8 +11,8 @@ from dataclasses import fields
 
 import pytest
 
-from nti_lightning.cli import main
-from nti_lightning.edit_args import add_edit_subparser, config_from_args, parse_cross_replace
+from nti_lightning.cli import build_parser, main, parse_command_line
+from nti_lightning.edit_args import FLAG_KEYS, add_edit_subparser, config_from_args, parse_cross_replace
 from nti_lightning.edit_config import EDIT_DEFAULTS, EditConfig
 
 
@@ -32,8 +32,22 @@ def edit_help(capsys) -> str:
 def test_parser_defaults_are_edit_config_s():
     args = parse(["edit", "inv.safetensors", "--target", "a dog"])
     assert config_from_args(args) == EditConfig()
-    for f in fields(EditConfig):  # one option per field, of the same name, defaulting to the field's default
-        assert getattr(args, f.name) == getattr(EDIT_DEFAULTS, f.name), f.name
+    for f in fields(EditConfig):  # one option per field, of the same name, setting its key only when given
+        assert getattr(args, f.name) is None, f.name
+        assert FLAG_KEYS.get(f.name, "edit.cross_replace") == f"edit.{f.name}"
+
+
+def test_key_value_arguments_set_any_key_and_flags_win():
+    def nti(*argv):
+        return parse_command_line(build_parser(), ["edit", "x", "--target", "t", *argv])
+
+    args = nti("edit.batch_size=2", "edit.cross_replace={default: 0.6, dog: 0.3}")
+    assert config_from_args(args) == EditConfig(batch_size=2, cross_replace={"default_": 0.6, "dog": 0.3})
+    assert config_from_args(nti("edit.batch_size=2", "--batch-size", "3")).batch_size == 3  # flags are set last
+    swallowed = nti("--cross-replace", "0.6", "edit.mode=refine")  # taken back from --cross-replace's list
+    assert config_from_args(swallowed) == EditConfig(cross_replace=0.6, mode="refine")
+    with pytest.raises(ValueError, match="edit.colour"):
+        config_from_args(nti("edit.colour=1"))
 
 
 def test_options_set_the_fields():

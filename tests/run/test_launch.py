@@ -253,13 +253,13 @@ def test_subdirs_layout_rerun_status_edit_and_tensorboard_logger(dataset, model_
     assert main(["status", str(out)]) == 0
     assert "4 done, 0 failed, 0 pending of 4" in capsys.readouterr().out
 
-    # `nti edit OUTPUT --edits`: image ids are found through the manifests; the edits land next to the inversion
+    # `nti edit OUTPUT --edits`: image ids are found through the manifests; the edits land in the job's folder
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps({"image_id": "img1", "target": "a photo of thing 7"}) + "\n")
-    assert main(["edit", str(out), "--edits", str(edits), "--device", "cpu"]) == 0
-    res = [json.loads(x) for x in (out / "edit_results.jsonl").read_text().splitlines()]
+    assert main(["edit", str(out), "--edits", str(edits), "--device", "cpu", "output.subdirs=true"]) == 0
+    res = [json.loads(x) for x in (out / "edits" / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in res] == ["ok"], res
-    assert res[0]["paths"]["edit"].startswith(f"{item_relpath('img1', subdirs=True)}/edits/")
+    assert res[0]["paths"]["edit"].startswith(f"edits/{item_relpath('img1', subdirs=True)}/0001_")
     assert (out / res[0]["paths"]["edit"]).is_file()
 
 
