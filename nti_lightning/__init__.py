@@ -17,6 +17,7 @@ _EXPORTS = {
     "Inversion": "nti_lightning.store.inversion",
     "load_inversion": "nti_lightning.store.inversion",
     "save_inversion": "nti_lightning.store.inversion",
+    "open_run": "nti_lightning.store.reader",
     "NTIModel": "nti_lightning.models",
     "load_model": "nti_lightning.models",
     "edit": "nti_lightning.p2p",

@@ -263,6 +263,27 @@ class OutputConfig:
     integer delta along t, zstd; files 4.5–5.9× smaller than fp32 at ≤ 0.03 dB of NTI reconstruction PSNR on
     the tiny models), "fp32-delta-zstd" exact and ~1.5× smaller, "fp32" the raw format-1 file; also the other
     "{fp32,fp16,bf16}[-xor|-delta]-zstd". Everything else in the record stays exact."""
+    layout: str = "auto"
+    """Where the records go (docs/scaleout.md). "folders": one folder per image under ``images/`` with
+    inversion.safetensors, meta.json, reconstruction.png and strip.png. "shards": per worker, rolling WebDataset
+    tar shards ``shards/<worker>-<n>.tar`` of ``<key>.inversion.safetensors`` + ``<key>.json`` records, each with
+    an id → offset index beside it; PNGs only for a sample and for images worth a look (``sample_images``,
+    ``flag_psnr_drop``) under ``samples/``; read back with ``nti_lightning.open_run``. "auto": the layout the
+    folder already has, else "shards" above ``run.layout.AUTO_SHARDS_ABOVE`` (10,000) images, else "folders"."""
+    shard_max_bytes: int = 1 << 30
+    """``shards`` layout: a shard is finished before a group of records would take it past this size."""
+    shard_max_images: int = 10_000
+    """``shards`` layout: … or past this many records."""
+    sample_images: int = 64
+    """``shards`` layout: the first this many images of each worker get reconstruction.png and strip.png in
+    ``samples/<worker>/`` (the ``folders`` layout writes them for every image)."""
+    flag_psnr_drop: float = 6.0
+    """``shards`` layout: an image whose reconstruction PSNR against the VAE round trip is this many dB below
+    the median of the worker's last 1,000 images (once it has 32), or not finite, is flagged in its record
+    (``flagged``) and gets its PNGs too; 0 = off."""
+    flagged_images: int = 1000
+    """``shards`` layout: at most this many flagged images per worker get PNGs (every one is flagged in the
+    manifest)."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_s < 0:
@@ -273,6 +294,14 @@ class OutputConfig:
             raise ValueError(f"output.prefetch must be >= 0, got {self.prefetch}")
         if self.codec not in CODECS:
             raise ValueError(f"output.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.layout not in ("auto", "folders", "shards"):
+            raise ValueError(f"output.layout must be auto, folders or shards, got {self.layout!r}")
+        for name in ("shard_max_bytes", "shard_max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"output.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_images", "flag_psnr_drop", "flagged_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"output.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import nti_lightning
 import nti_lightning.p2p
 
 API = {"Inversion", "InversionConfig", "NTIModel", "RunConfig", "__version__", "edit", "invert", "load_config",
-       "load_inversion", "load_model", "reconstruct", "save_inversion"}  # fmt: skip
+       "load_inversion", "load_model", "open_run", "reconstruct", "save_inversion"}  # fmt: skip
 P2P = {"AlignmentError", "AttentionControl", "AttentionControlEdit", "AttentionRefine", "AttentionReplace",
        "AttentionReweight", "AttentionStore", "EditResult", "EditSpec", "EmptyControl", "LocalBlend",
        "P2PAttnProcessor", "WordNotInPromptError", "attention_control", "edit", "edit_batch",

@@ -20,7 +20,6 @@ bit-identical to an uninterrupted one. Ranks never exchange gradients (every ran
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -30,30 +29,36 @@ from pathlib import Path
 import torch
 
 from nti_lightning.config import RunConfig, config_to_yaml, resolve_batch_size
-from nti_lightning.data.ids import UnsafeIdError, check_id
-from nti_lightning.data.items import Item, caption_coverage, iter_items, read_captions
-from nti_lightning.data.shards import is_shard_pattern
+from nti_lightning.data.items import Item
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
-from nti_lightning.engine.slots import Admission, Failed, SlotEngine, Tick
-from nti_lightning.jobs.invert_items import PRE_LOAD_UNKNOWN, check_inputs, decode, pixel_hash, prefetched, run_identity
+from nti_lightning.engine.slots import Failed, SlotEngine, Tick
+from nti_lightning.jobs.invert_items import (
+    PRE_LOAD_UNKNOWN,
+    WorkerItems,
+    absolute_paths,
+    check_inputs,
+    decode,
+    pixel_hash,
+    run_identity,
+)
 from nti_lightning.jobs.invert_outputs import (
     Done,
+    ShardOutputs,
     format_header,
     format_row,
     image_log_metrics,
     make_metrics_logger,
-    write_group,
+    measure_group,
+    write_folders,
 )
 from nti_lightning.run import checkpoint as ckpt
 from nti_lightning.run.folder import RunFolder, WorkerId
 from nti_lightning.run.launch import Placement, make_fabric
 from nti_lightning.run.progress import add_log_file, close_bar, close_logger, progress_bar, worker_logger
-from nti_lightning.run.records import FAILED, OK, RunIndex, short_hash, write_legacy_index
+from nti_lightning.run.records import FAILED, OK, Row
 from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job
 from nti_lightning.run.summary import RunSummary
-from nti_lightning.store.files import item_relpath
-from nti_lightning.text import PromptError, check_prompt
 
 
 def summary_path(out_dir: Path, worker: WorkerId) -> Path:
@@ -61,11 +66,15 @@ def summary_path(out_dir: Path, worker: WorkerId) -> Path:
     return Path(out_dir) / "logs" / f"summary.{worker.name}.json"
 
 
-class InvertWorker:
+class InvertWorker(WorkerItems):
     """The state of one worker's run; ``run_rank`` is its whole story."""
 
-    def __init__(self, cfg: RunConfig, place: Placement, stop: StopFlag, quiet: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, place: Placement, stop: StopFlag, quiet: bool, engine_factory=None, measure=None
+    ) -> None:
         self.cfg, self.place, self.stop, self.quiet = cfg, place, stop, quiet
+        self.engine_factory = engine_factory or SlotEngine  # (model, cfg.inversion, rows, runtime, **options)
+        self.measure = measure or measure_group  # (model, cfg, group, runtime) → [Measured]
         d = cfg.data
         self.worker = WorkerId(d.shard_index, d.num_shards, place.rank, place.world)
         self.out = Path(cfg.output.dir)
@@ -73,7 +82,9 @@ class InvertWorker:
         self.folder = RunFolder(self.out, self.worker)
         self.summary = RunSummary(self.out, rank=place.rank, method=cfg.inversion.method)
         self.inflight: dict[str, tuple[Item, torch.Tensor, str]] = {}  # id → item, pixels, pixel hash
+        self.sources: dict[str, int] = {}  # id → its input shard's source hash, until it is recorded
         self.to_write: list[Done] = []
+        self.shard_out: ShardOutputs | None = None  # the shards layout's writer
         self.resumed: set[str] = set()  # restored in flight from the checkpoint: not in the stream again
         self.ghost_after = float("inf")  # records newer than the checkpoint resumed from are re-run, not re-written
         self.bar = self.metrics_logger = self.records = self.fabric = None
@@ -116,7 +127,7 @@ class InvertWorker:
             )
             self.note(f"inversion.batch_size=auto → {rows} rows per UNet call on {self.model.device}")
         self.cfg = cfg = replace(cfg, inversion=replace(cfg.inversion, batch_size=int(rows)))
-        self.engine = SlotEngine(
+        self.engine = self.engine_factory(
             self.model,
             cfg.inversion,
             int(rows),
@@ -156,101 +167,6 @@ class InvertWorker:
             "compile": self.cfg.model.compile,  # compiled kernels round differently: resume exactly or start over
         }
 
-    # -- 4. items ------------------------------------------------------------------------------------------
-
-    def load_index(self, retry_failed: bool) -> None:
-        self.retry_failed = retry_failed
-        index_dir = self.out / ".nti" / "index"
-        if not any(index_dir.glob("*.idx")) and any(self.out.glob("manifest*.jsonl")):
-            write_legacy_index(self.out, sorted(self.out.glob("manifest*.jsonl")))  # a folder from before the index
-        self.index = RunIndex.load(self.out)
-        self._shard_files: dict[int, bool] = {}
-
-    def items(self):
-        """The input stream in a stable order (every rank sees the same), each id checked for safety."""
-        d = self.cfg.data
-        for k, item in enumerate(iter_items(self.images, self.captions, d.default_prompt, d.caption_column,
-                                            d.image_column)):  # fmt: skip
-            if item.error is None:
-                try:
-                    check_id(item.id, item.label)
-                except UnsafeIdError as e:
-                    item = replace(item, error=str(e))
-            yield k, item
-
-    def output_exists(self, item_id: str, entry) -> bool:
-        """An "ok" record's inversion is still there (deleted by hand, a lost disk: the image is redone)."""
-        rel = item_relpath(item_id, self.cfg.output.subdirs)
-        legacy = (item_id, f"{hashlib.sha1(item_id.encode()).hexdigest()[:2]}/{item_id}")  # folders of older runs
-        return any((self.out / r / "inversion.safetensors").is_file() for r in (rel, *legacy))
-
-    def already_done(self, item: Item) -> bool:
-        entry = self.index.get(item.id)
-        if entry is None:
-            return False
-        if entry["status"] == OK:
-            return self.output_exists(item.id, entry)
-        return not self.retry_failed and int(entry["prompt"]) == short_hash(item.prompt)  # a new caption: retried
-
-    def is_ghost(self, item_id: str) -> bool:
-        """Finished after the checkpoint this run resumed from: run again for an identical stream, not written."""
-        entry = self.index.get(item_id)
-        return entry is not None and float(entry["finished_at"]) >= self.ghost_after
-
-    def count_items(self) -> None:
-        """Pass 1 over the ids (streamed, never held): total, this worker's share, what is already done."""
-        self.captions, warnings = read_captions(self.captions_path) if self.captions_path else (None, [])
-        for w in warnings:
-            self.warn(w)
-        total = self.n_todo = self.n_mine = uncaptioned = 0
-        example = None
-        for k, item in self.items():
-            total += 1
-            if item.error is None and not item.captioned and item.prompt == self.cfg.data.default_prompt:
-                uncaptioned += 1
-                example = example or item.id
-            if not self.worker.is_mine(k):
-                continue
-            self.n_mine += 1
-            if self.already_done(item):
-                self.summary.skipped += 1
-                self.summary.skipped_failed += int(self.index.get(item.id)["status"] == FAILED)
-            else:
-                self.n_todo += 1
-        if total == 0:
-            raise FileNotFoundError(f"no images found in {', '.join(self.images)}; give image files, folders or lists")
-        if self.captions is not None and self.worker.rank == 0:
-            default = self.cfg.data.default_prompt
-            if w := caption_coverage(self.captions_path, self.captions, total, uncaptioned, example, default):
-                self.warn(w)
-        self.folder.write_progress(
-            {"total": total, "mine": self.n_mine, "todo": self.n_todo, "started_at": time.time(), **asdict(self.worker)}
-        )
-
-    def pending(self):
-        """Pass 2: this worker's items still to do, in stream order."""
-        for k, item in self.items():
-            if not self.worker.is_mine(k) or item.id in self.resumed:
-                continue
-            if self.already_done(item) and not self.is_ghost(item.id):
-                continue
-            yield k, item
-
-    def admissions(self):
-        """The engine's input: decoded images (ahead, in a thread); bad ones recorded as failed on the way."""
-        lookahead = self.cfg.output.prefetch * self.engine.rows
-        for _, item, px in prefetched(self.pending(), lambda it: decode(it, self.size), lookahead):
-            try:
-                if isinstance(px, Exception):
-                    raise px
-                check_prompt(self.model.tokenizer, item.prompt, label=item.label)
-            except (ValueError, OSError, PromptError) as e:
-                if not self.is_ghost(item.id):
-                    self.record(item, "failed", error=str(e))
-                continue
-            self.inflight[item.id] = (item, px, pixel_hash(px))
-            yield Admission(item.id, px, item.prompt)
-
     # -- 5. resume -----------------------------------------------------------------------------------------
 
     def resume(self) -> None:
@@ -287,6 +203,7 @@ class InvertWorker:
                 self.warn(f"{item.label}: changed since the checkpoint; it starts over")
                 continue
             self.inflight[item_id] = (item, px, saved_item["sha256"])
+            self.sources[item_id] = int(saved_item.get("source", 0))
             self.resumed.add(item_id)
         self.ghost_after = saved["saved_at"]
         self.summary.resumed = len(self.resumed)
@@ -295,7 +212,7 @@ class InvertWorker:
     def save_checkpoint(self) -> None:
         self.flush()
         items = {  # a shard sample's bytes are not kept: it is read again from its shard
-            i: {"item": asdict(replace(it, data=None)), "sha256": sha}
+            i: {"item": asdict(replace(it, data=None)), "sha256": sha, "source": self.sources.get(i, 0)}
             for i, (it, _, sha) in self.inflight.items()
             if i in self.engine.tags
         }
@@ -310,26 +227,44 @@ class InvertWorker:
 
     # -- 6. the loop ---------------------------------------------------------------------------------------
 
-    def record(self, item: Item, status: str, **fields) -> dict:
+    def make_record(self, item: Item, status: str, **fields) -> dict:
         rec = {"id": item.id, "source": item.path, "prompt": item.prompt, "status": status, "rank": self.worker.rank}
         if self.worker.num_shards > 1:
             rec["shard"] = self.worker.shard
         rec.update(fields, finished_at=time.time())
-        seconds = float(fields.get("seconds", 0.0))
-        self.records.append(rec, OK if status == "ok" else FAILED, prompt=item.prompt, seconds=seconds)
+        return rec
+
+    def record(self, item: Item, status: str, **fields) -> dict:
+        rec = self.make_record(item, status, **fields)
+        seconds, source = float(fields.get("seconds", 0.0)), self.sources.pop(item.id, 0)
+        self.records.append(rec, OK if status == "ok" else FAILED, prompt=item.prompt, source=source, seconds=seconds)
+        self.recorded(rec)
+        return rec
+
+    def recorded(self, rec: dict) -> None:
         self.summary.add(rec)
-        self.note(format_row(rec) if status == "ok" else f"failed {item.id}: {rec.get('error')}")
+        self.note(format_row(rec) if rec["status"] == "ok" else f"failed {rec['id']}: {rec.get('error')}")
         if self.bar is not None:
             self.bar.update(1)
             n = self.summary.n_done + self.summary.n_failed
             self.bar.set_postfix(img_per_h=f"{3600 * n / max(time.perf_counter() - self.t_start, 1e-9):.0f}")
-        return rec
 
     def flush(self) -> None:
         """Writes the finished images waiting in ``to_write`` (before every checkpoint: a kill then loses none)."""
-        if self.to_write:
-            group, self.to_write = self.to_write, []
-            write_group(self.model, self.cfg, self.out, group, self.runtime, self.record, self.folder.tmp)
+        if not self.to_write:
+            return
+        group, self.to_write = self.to_write, []
+        measured = self.measure(self.model, self.cfg, group, self.runtime)
+        if self.shard_out is None:
+            write_folders(self.cfg, self.out, group, measured, self.record, self.folder.tmp)
+            return
+        rows = []
+        for d, fields, (shard, offset) in self.shard_out.write(group, measured):  # durable, then committed at once
+            rec = self.make_record(d.item, "ok", **fields)
+            rows.append(Row(rec, OK, d.item.prompt, d.source, shard, offset, float(fields["seconds"])))
+        self.records.append_many(rows)
+        for row in rows:
+            self.recorded(row.record)
 
     def on_event(self, event) -> None:
         if isinstance(event, Tick):
@@ -342,6 +277,7 @@ class InvertWorker:
             return
         item, px, _ = self.inflight.pop(event.tag)
         if self.is_ghost(item.id):
+            self.sources.pop(item.id, None)
             return
         if isinstance(event, Failed):
             self.record(item, "failed", error=event.error)
@@ -350,15 +286,16 @@ class InvertWorker:
             self.metrics_logger.log_metrics(image_log_metrics(event.inversion), step=self.logged)
             self.logged += 1
         self.summary.skipped_steps += int(event.inversion.meta.get("skipped_steps", 0))
-        self.to_write.append(Done(item, px, event.inversion, event.seconds))
+        self.to_write.append(Done(item, px, event.inversion, event.seconds, self.sources.pop(item.id, 0)))
         if len(self.to_write) >= self.engine.rows:
             self.flush()
 
     def loop(self) -> None:
         w, c = self.worker, self.cfg
         self.note(
-            f"{w.name} of {w.world} rank(s) × {w.num_shards} shard(s): {self.n_todo} to invert, {self.summary.skipped}"
-            f" already done, into {self.out} on {self.fabric.device} at {self.size}px, precision "
+            f"{w.name} of {w.world} rank(s) × {w.num_shards} shard(s): {self.n_todo} to invert, "
+            f"{self.summary.skipped + self.shard_done_estimate} already done, into {self.out} on {self.fabric.device} "
+            f"at {self.size}px, precision "
             f"{self.runtime.precision}, T={c.inversion.num_ddim_steps}, N={c.inversion.num_inner_steps}, "
             f"{self.engine.rows} rows × {self.engine.num_slots} slots, launched by {self.place.environment}"
         )
@@ -367,7 +304,10 @@ class InvertWorker:
         self.bar = progress_bar(self.log, self.n_todo, f"{w.name} inverting", show)
         for event in self.engine.run(self.admissions()):
             self.on_event(event)
+        self.warn_coverage()
         self.flush()
+        if self.shard_out is not None:
+            self.shard_out.finish()  # the last shard renamed to .tar with its index
         self.folder.checkpoint.unlink(missing_ok=True)  # only now: everything it held is written
 
     def close(self) -> None:
@@ -377,6 +317,8 @@ class InvertWorker:
             steps.append(lambda: self.metrics_logger.finalize("preempted" if self.summary.preempted else "success"))
         if getattr(self, "captions", None) is not None:
             steps.append(self.captions.close)
+        if self.shard_out is not None:
+            steps.append(self.shard_out.close)
         steps += [self.folder.release, lambda: close_logger(self.log)]
         for step in steps:
             try:
@@ -386,12 +328,22 @@ class InvertWorker:
 
 
 def run_rank(
-    cfg: RunConfig, place: Placement, stop: StopFlag, overwrite=False, retry_failed=False, quiet=False, load_model=None
+    cfg: RunConfig,
+    place: Placement,
+    stop: StopFlag,
+    overwrite=False,
+    retry_failed=False,
+    quiet=False,
+    load_model=None,
+    engine_factory=None,
+    measure=None,
 ) -> RunSummary:
-    """This worker's whole run (module docstring)."""
+    """This worker's whole run (module docstring). ``load_model``, ``engine_factory`` (``SlotEngine``'s
+    signature) and ``measure`` (``invert_outputs.measure_group``'s) replace the model, the engine and the
+    per-group decode and metrics: for the data-plane benchmark (``scripts/bench_data_plane.py``)."""
     if load_model is None:
         from nti_lightning.models import load_model
-    w = InvertWorker(cfg, place, stop, quiet)
+    w = InvertWorker(cfg, place, stop, quiet, engine_factory, measure)
     try:
         try:
             w.check_and_claim(overwrite)  # 1–2
@@ -401,10 +353,20 @@ def run_rank(
             if w.worker.rank == 0 and w.worker.world > 1 and w.folder.claims:
                 w.folder.publish_ready(place.session, error=f"{type(e).__name__}: {e}")
             raise
+        t0 = time.perf_counter()
         w.load_index(retry_failed)  # 4
+        t1 = time.perf_counter()
         w.count_items()
+        w.open_outputs()
+        t2 = time.perf_counter()
         w.last_save = time.monotonic()
         w.resume()  # 5
+        t3 = time.perf_counter()
+        w.untouched = w.untouched_sources()
+        w.note(
+            f"{w.worker.name}: bookkeeping {time.perf_counter() - t0:.2f} s (index {t1 - t0:.2f} s, inputs and "
+            f"outputs {t2 - t1:.2f} s, checkpoint {t3 - t2:.2f} s, done input shards {time.perf_counter() - t3:.2f} s)"
+        )
         try:
             w.loop()  # 6
         except Preempted as e:
@@ -425,23 +387,6 @@ def run_rank(
         return s
     finally:
         w.close()
-
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
-    folder, and every rank sees the same paths whatever its working directory."""
-
-    def absolute(p: str | None) -> str | None:
-        return None if p is None or is_shard_pattern(p) else str(Path(p).expanduser().resolve())
-
-    images = [absolute(p) or p for p in cfg.data.images] if cfg.data.images else cfg.data.images
-    data = replace(cfg.data, images=images, captions=absolute(cfg.data.captions))
-    spec = cfg.model.spec
-    if spec not in ("tiny", "tiny-sd2-v", "tiny-sdxl") and Path(spec).expanduser().exists():
-        spec = absolute(spec)
-    return replace(
-        cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data, model=replace(cfg.model, spec=spec)
-    )
 
 
 def run_inversion(cfg: RunConfig, *, overwrite=False, retry_failed=False, quiet=False, argv=None) -> RunSummary:

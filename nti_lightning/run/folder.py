@@ -157,12 +157,13 @@ class RunFolder:
         self.start_over()
 
     def start_over(self) -> None:
-        """``--overwrite``: the records, index and checkpoints go; outputs are overwritten as images finish."""
+        """``--overwrite``: the records, index and checkpoints go; folders-layout outputs are overwritten as images
+        finish, output shards (which only the index points into) and their sample PNGs go at once."""
         for p in self.root.glob("manifest*.jsonl"):
             p.unlink()
-        shutil.rmtree(self.root / INDEX_DIR, ignore_errors=True)
-        shutil.rmtree(self.root / FAILURES_DIR, ignore_errors=True)
-        shutil.rmtree(self.root / "checkpoints", ignore_errors=True)
+        for name in (INDEX_DIR, FAILURES_DIR, "checkpoints", "shards", "samples"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        (self.root / ".nti" / "layout.json").unlink(missing_ok=True)
         self.identity_path.unlink(missing_ok=True)
 
     # -- 3. commit and start -------------------------------------------------------------------------------

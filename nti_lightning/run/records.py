@@ -27,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,19 @@ def _append(path: Path, data: bytes, fault: str) -> None:
     faults.point(f"{fault}.appended")
 
 
+@dataclass
+class Row:
+    """One record to commit (``RecordLog.append``'s arguments)."""
+
+    record: dict
+    status: int
+    prompt: str | None = None
+    source: str | int | None = None  # the input shard's name, or its short_hash
+    out_shard: int = -1
+    out_offset: int = -1
+    seconds: float = 0.0
+
+
 class RecordLog:
     """A worker's manifest and index, opened for appending (torn tails cut first, with a line in the log)."""
 
@@ -158,24 +172,37 @@ class RecordLog:
         record: dict,
         status: int,
         prompt: str | None = None,
-        source: str | None = None,
+        source: str | int | None = None,
         out_shard: int = -1,
         out_offset: int = -1,
         seconds: float = 0.0,
     ) -> None:
-        """The manifest line (and a failure's short line), then the index entry that commits it."""
-        _append(self.manifest, (dumps(record) + "\n").encode("utf-8", "surrogatepass"), "record")
-        if status == FAILED:
-            short = {k: record.get(k) for k in ("id", "source", "error", "finished_at")}
-            _append(self.failures, (dumps(short) + "\n").encode("utf-8", "surrogatepass"), "failure")
-        entry = np.zeros(1, ENTRY)
-        entry["key"] = np.frombuffer(id_key(record["id"]), "V16")
-        entry["status"] = status
-        entry["finished_at"] = record.get("finished_at", 0.0)
-        entry["prompt"] = short_hash(prompt)
-        entry["source"] = short_hash(source)
-        entry["out_shard"], entry["out_offset"], entry["seconds"] = out_shard, out_offset, seconds
-        _append(self.index, entry.tobytes(), "index")
+        """The manifest line (and a failure's short line), then the index entry that commits it. ``source``: the
+        input shard's name (hashed here) or its ``short_hash`` already taken."""
+        self.append_many([Row(record, status, prompt, source, out_shard, out_offset, seconds)])
+
+    def append_many(self, rows: list[Row]) -> None:
+        """A group of records committed with one write and one fsync per file (manifest, failures, index) instead
+        of one per record: every manifest line first, then every index entry. A kill between the two leaves lines
+        without entries (those items are redone); a torn index write commits a prefix of the group."""
+        if not rows:
+            return
+        lines = [(dumps(r.record) + "\n").encode("utf-8", "surrogatepass") for r in rows]
+        _append(self.manifest, b"".join(lines), "record")
+        failed = [r.record for r in rows if r.status == FAILED]
+        if failed:
+            shorts = [dumps({k: rec.get(k) for k in ("id", "source", "error", "finished_at")}) + "\n" for rec in failed]
+            _append(self.failures, "".join(shorts).encode("utf-8", "surrogatepass"), "failure")
+        entries = np.zeros(len(rows), ENTRY)
+        entries["key"] = np.frombuffer(b"".join(id_key(r.record["id"]) for r in rows), "V16")
+        entries["status"] = [r.status for r in rows]
+        entries["finished_at"] = [r.record.get("finished_at", 0.0) for r in rows]
+        entries["prompt"] = [short_hash(r.prompt) for r in rows]
+        entries["source"] = [r.source if isinstance(r.source, int) else short_hash(r.source) for r in rows]
+        entries["out_shard"] = [r.out_shard for r in rows]
+        entries["out_offset"] = [r.out_offset for r in rows]
+        entries["seconds"] = [r.seconds for r in rows]
+        _append(self.index, entries.tobytes(), "index")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,39 +219,83 @@ def read_index_file(path: Path) -> np.ndarray:
 
 class RunIndex:
     """The latest entry of every id across a run's index files, sorted by key: lookups by id without the
-    manifests. ``by_worker`` keeps each file's entries for per-worker counts."""
+    manifests. ``by_worker`` keeps each file's entries for per-worker counts; ``origin[i]`` is the position in
+    ``workers`` (the index files' stems) of the file that ``entries[i]`` came from — where its output is."""
 
-    def __init__(self, entries: np.ndarray, by_worker: dict[str, np.ndarray] | None = None) -> None:
-        if len(entries):
-            # latest per key: sort by (key, time), keep the last of each key
-            order = np.lexsort((entries["finished_at"], entries["key"].view("S16")))
-            entries = entries[order]
-            keys = entries["key"].view("S16")
-            last = np.r_[keys[1:] != keys[:-1], True]
-            entries = entries[last]
-        self.entries = entries
-        self._keys = entries["key"].view("S16")
+    def __init__(
+        self,
+        entries: np.ndarray,
+        by_worker: dict[str, np.ndarray] | None = None,
+        origin: np.ndarray | None = None,
+    ) -> None:
         self.by_worker = by_worker or {}
+        self.workers = list(self.by_worker)
+        origin = np.zeros(len(entries), np.int32) if origin is None else origin
+        if len(entries):
+            # latest per key: sort by (key, time), keep the last of each key (one copy: of the kept entries)
+            order = np.lexsort((entries["finished_at"], entries["key"].view("S16")))
+            keys = entries["key"].view("S16")[order]
+            keep = order[np.r_[keys[1:] != keys[:-1], True]]
+            del keys, order
+            entries, origin = entries[keep], origin[keep]
+        self.entries = entries
+        self.origin = origin
+        self._keys = entries["key"].view("S16")
 
     @classmethod
-    def load(cls, out_dir: Path, pattern: str = "*.idx") -> RunIndex:
-        files = sorted((Path(out_dir) / INDEX_DIR).glob(pattern))
-        by_worker = {p.stem: read_index_file(p) for p in files}
+    def load(
+        cls, out_dir: Path, pattern: str = "*.idx", sources: np.ndarray | None = None, whole: str | None = None
+    ) -> RunIndex:
+        """Every index file of a run. ``sources``: keep only the entries of these input shards (a worker that
+        reads only its own shards holds only their entries: its memory follows its share, not the run's),
+        except in the file of the worker ``whole``, kept whole (the worker's own records)."""
+        by_worker = {}
+        for p in sorted((Path(out_dir) / INDEX_DIR).glob(pattern)):
+            entries = read_index_file(p)
+            if sources is not None and p.stem != whole:
+                entries = entries[np.isin(entries["source"], sources)]
+            by_worker[p.stem] = entries
+        return cls.from_workers(by_worker)
+
+    @classmethod
+    def from_workers(cls, by_worker: dict[str, np.ndarray]) -> RunIndex:
+        """The index of these workers' entries (``origin`` from their order)."""
         parts = list(by_worker.values())
-        return cls(np.concatenate(parts) if parts else np.zeros(0, ENTRY), by_worker)
+        if not parts:
+            return cls(np.zeros(0, ENTRY), by_worker)
+        origin = np.concatenate([np.full(len(e), i, np.int32) for i, e in enumerate(parts)])
+        return cls(np.concatenate(parts), by_worker, origin)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, item_id: str) -> np.void | None:
+    def position(self, item_id: str) -> int | None:
+        """Where ``item_id``'s latest entry is in ``entries`` (None: no record)."""
         key = np.frombuffer(id_key(item_id), "S16")[0]
         i = int(np.searchsorted(self._keys, key))
-        if i < len(self._keys) and self._keys[i] == key:
-            return self.entries[i]
-        return None
+        return i if i < len(self._keys) and self._keys[i] == key else None
+
+    def get(self, item_id: str) -> np.void | None:
+        i = self.position(item_id)
+        return None if i is None else self.entries[i]
+
+    def worker_of(self, i: int) -> str | None:
+        """The worker (index file stem) whose entry ``entries[i]`` is; None for an index made without files."""
+        return self.workers[int(self.origin[i])] if self.workers else None
 
     def count(self, status: int) -> int:
         return int((self.entries["status"] == status).sum())
+
+
+def done_by_source(entries: np.ndarray, ok: np.ndarray, failed: np.ndarray) -> dict[int, tuple[int, int]]:
+    """{source: (#ok, #failed)} of index entries, ``ok``/``failed`` masks over them (source 0 left out)."""
+    out: dict[int, list[int]] = {}
+    for col, mask in ((0, ok), (1, failed)):
+        sources, counts = np.unique(entries["source"][mask], return_counts=True)
+        for src, n in zip(sources.tolist(), counts.tolist()):
+            if src:
+                out.setdefault(src, [0, 0])[col] = n
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def legacy_entries(manifests: Iterable[Path]) -> np.ndarray:
