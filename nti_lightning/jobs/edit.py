@@ -42,7 +42,6 @@ from nti_lightning.run.progress import progress_bar
 from nti_lightning.run.records import FAILED, OK, RunIndex, dumps, short_hash
 from nti_lightning.run.signals import Preempted, StopFlag
 from nti_lightning.store.files import atomic_write, inside, item_relpath
-from nti_lightning.store.inversion import load_inversion
 from nti_lightning.text import check_prompt
 
 CHUNK = 4096
@@ -51,7 +50,7 @@ NOT_SETTINGS = ("batch_size", "overwrite")
 """Edit settings that do not change an edit's result (a line done with another value is not redone)."""
 
 
-def output_id(inv, inv_path: Path) -> str:
+def output_id(inv, inv_path) -> str:
     """The image id a line given by its ``inversion`` path is filed under: the id the record names (``nti
     invert`` writes it into ``meta.image.id``), else the inversion's folder name."""
     image = inv.meta.get("image")
@@ -179,13 +178,14 @@ class EditWorker(JobWorker):
         for (inv_path, guidance), lines in groups.items():
             self.edit_image(inv_path, lines, replace(self.cfg.edit, guidance_scale=guidance))
 
-    def load(self, inv_path: Path):
-        """The inversion, checked against the job's model (loaded now, at the first image)."""
-        inv = load_inversion(inv_path)
+    def load(self, inv_path):
+        """The inversion (a file or a recorded image), checked against the job's model (loaded now, at the first
+        image)."""
+        inv = self.lookup.load(inv_path)
         if self.model is None:
             m = self.cfg.model
             self.model = p2p_cli.load_model_for(inv, m.spec, self.fabric.device, m.config_dir)
-        return load_inversion(inv_path, self.model)
+        return self.lookup.load(inv_path, self.model)
 
     def edit_image(self, inv_path: Path, lines: list[Line], config) -> None:
         """Edits ``lines`` of one inversion sharing ``config.guidance_scale``, ``config.batch_size`` per pass. An
@@ -222,12 +222,13 @@ class EditWorker(JobWorker):
             return False
         return True
 
-    def write_line(self, line: Line, inv_path: Path, inv, result, k: int, source, seconds: float) -> None:
+    def write_line(self, line: Line, inv_path, inv, result, k: int, source, seconds: float) -> None:
         """Edit k of ``result``: its files under the job folder (fixed names), then its record."""
         line.image_id = line.image_id or output_id(inv, inv_path)
         folder = inside(self.root, item_relpath(line.image_id, self.cfg.output.subdirs))
         stem = f"{line.number:04d}_{slug(line.spec.target)}"
-        settings = settings_record(inv_path, inv, self.model, line.spec, line.config, result, k)
+        where = inv_path if isinstance(inv_path, Path) else inv_path.where
+        settings = settings_record(where, inv, self.model, line.spec, line.config, result, k)
         files = write_edit(edit_files(folder, stem), result, k, source, settings, self.cfg.edit.attention,
                            self.folder.tmp)  # fmt: skip
         paths = {name: str(p.relative_to(self.run_dir)) for name, p in files.items()}

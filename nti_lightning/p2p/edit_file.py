@@ -7,8 +7,8 @@ Every problem is a ValueError / FileNotFoundError naming the field and the fix, 
 go on.
 
 Nothing a line says is joined to a path as written: an ``image_id`` is checked (``data.ids.check_id``) and looked
-up among the images the run recorded as done (``recorded_inversions``: the one place that knows how a run
-records them); an ``inversion`` path must lie inside the output folder (``store.files.inside``).
+up among the images the run recorded as done (``recorded_inversions``, through ``nti.open_run``: the one place
+that knows how a run records them); an ``inversion`` path must lie inside the output folder (``store.files.inside``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Line:
     record: dict
     text: str = ""  # the line's content, canonical (a JSON object with sorted keys), for its record id
     image_id: str = ""
-    inversion: Path | None = None
+    inversion: Path | RunRecord | None = None  # a file inside the run, or an image it recorded
     spec: EditSpec | None = None
     config: EditConfig | None = None  # the run's, with this line's fields
 
@@ -102,27 +102,54 @@ def _optional_float(value) -> float | None:
     return float(value) if value is not None else None
 
 
-def recorded_inversions(root: Path) -> Callable[[str], Path | None]:
-    """image id → the inversion file of that finished image of the ``nti invert`` run in ``root`` (None: not
-    recorded as done), from the run's manifests (read once, at the first lookup); each recorded path is checked
-    to lie inside ``root``. The one lookup of ids in the edit job."""
-    paths: dict[str, str] | None = None
+@dataclass(frozen=True)
+class RunRecord:
+    """An image the run recorded as done, in any layout (its own file, a record in an output shard): read through
+    ``nti.open_run``. ``where`` names it for messages (``shards/<file>@<offset>``, or the file)."""
 
-    def lookup(image_id: str) -> Path | None:
-        nonlocal paths
-        if paths is None:
-            from nti_lightning.store.manifest import read_manifest
+    image_id: str
+    where: str
 
-            recs = read_manifest(root)
-            paths = {
-                k: r["paths"]["inversion"]
-                for k, r in recs.items()
-                if r.get("status") == "ok" and isinstance(r.get("paths"), dict) and "inversion" in r["paths"]
-            }
-        rel = paths.get(image_id)
-        return inside(root, rel) if isinstance(rel, str) else None
+    @property
+    def name(self) -> str:
+        return self.where
 
-    return lookup
+    @property
+    def parent(self) -> Path:
+        return Path(self.where).parent
+
+
+class RecordedInversions:
+    """image id → ``RunRecord`` of that finished image of the ``nti invert`` run in ``root`` (None: not recorded as
+    done), through ``nti.open_run`` (opened at the first lookup): the one lookup of ids in the edit job. An id is
+    looked up among the recorded ones, never joined to a path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self._run = Path(root), None
+
+    @property
+    def run(self):
+        if self._run is None:
+            from nti_lightning.store.reader import open_run
+
+            self._run = open_run(self.root)
+        return self._run
+
+    def __call__(self, image_id: str) -> RunRecord | None:
+        return RunRecord(image_id, self.run.locate(image_id)) if image_id in self.run else None
+
+    def load(self, source: Path | RunRecord, model=None):
+        """The inversion of a line's source (a file inside the run, or a recorded image), checked as
+        ``load_inversion`` checks a file."""
+        if isinstance(source, RunRecord):
+            return self.run.load(source.image_id, model)
+        from nti_lightning.store.inversion import load_inversion
+
+        return load_inversion(source, model)
+
+
+def recorded_inversions(root: Path) -> RecordedInversions:
+    return RecordedInversions(root)
 
 
 def resolve_line(root: Path, line: Line, defaults: EditConfig, lookup: Callable[[str], Path | None]) -> None:
@@ -149,7 +176,7 @@ def resolve_line(root: Path, line: Line, defaults: EditConfig, lookup: Callable[
             )
     else:
         raise ValueError('give "image_id" (an image of the output folder) or "inversion" (a file inside it)')
-    if not line.inversion.is_file():
+    if isinstance(line.inversion, Path) and not line.inversion.is_file():
         raise FileNotFoundError(f"no inversion at {line.inversion}; fix the path or invert the image again")
     line.spec, line.config = spec_from_record(rec, defaults)
 

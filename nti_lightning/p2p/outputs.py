@@ -65,13 +65,13 @@ def claim_stem(folder: Path, stem: str, overwrite: bool = False) -> str:
 
 
 def settings_record(
-    inversion_path: Path, inversion: Inversion, model, spec: EditSpec, config: EditConfig, result: EditResult, k: int
+    inversion_path, inversion: Inversion, model, spec: EditSpec, config: EditConfig, result: EditResult, k: int
 ) -> dict:
-    """Everything that made edit k: the inversion, the model, the prompts and the resolved ``EditConfig``
-    (the mode as inferred, the guidance scale as used)."""
+    """Everything that made edit k: the inversion (a file's absolute path, or where a recorded image's record is),
+    the model, the prompts and the resolved ``EditConfig`` (the mode as inferred, the guidance scale as used)."""
     resolved = replace(config, mode=result.modes[k - 1], guidance_scale=result.guidance_scale)
     return {
-        "inversion": str(Path(inversion_path).resolve()),
+        "inversion": str(Path(inversion_path).resolve()) if isinstance(inversion_path, Path) else str(inversion_path),
         "model": model.source,
         "model_fingerprint": model.fingerprint,
         "source_prompt": inversion.prompt,
