@@ -350,34 +350,36 @@ def iter_items(
             else:
                 found = iter([_Entry(root.name, str(root))])
             for e in found:
-                if isinstance(e, Item):  # a bad list row
-                    yield e
-                    continue
-                rel_path = e.rel_path if e.where is None else _list_rel(e.rel_path)
-                name = rel_path.rpartition("/")[2]
-                suffix = _suffix(name)
-                rel = rel_path[: len(rel_path) - len(suffix)] if suffix else rel_path
-                item_id = rel.replace("/", "__")
-                cur.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (item_id, e.path))
-                at = "" if e.where is None else f"{e.where}: "  # a list row's errors name the list and line
-                if cur.rowcount == 0:  # recorded under its name with suffix, so it never shadows the first one
-                    (first,) = seen.execute("SELECT path FROM seen WHERE id = ?", (item_id,)).fetchone()
-                    error = f"{at}duplicate image id {item_id!r}: also {first}; rename one"
-                    yield Item(rel_path.replace("/", "__"), e.path, None, error, e.where)
-                    continue
-                prompt, error, captioned = default_prompt, None, False
-                if e.prompt is not None and e.prompt != "":
-                    prompt = e.prompt
-                elif captions is not None:
-                    keys = (e.rel_path, e.path.replace("\\", "/"), name, rel, item_id)
-                    if isinstance(captions, CaptionIndex):
-                        rows = captions.first(keys)
-                    else:
-                        rows = next((captions[k] for k in keys if k in captions), None)
-                    if rows is not None:
-                        if len(set(rows)) > 1:
-                            error = f"{at}{len(rows)} different captions for {e.rel_path}; keep one row per image"
-                        prompt, captioned = rows[0], True
-                yield Item(item_id, e.path, prompt, error, e.where, captioned)
+                yield e if isinstance(e, Item) else _entry_item(e, seen, cur, captions, default_prompt)
     finally:
         seen.close()
+
+
+def _entry_item(e: _Entry, seen, cur, captions: Mapping[str, list] | None, default_prompt: str | None) -> Item:
+    """The item of a found image: its id from its relative path, a duplicate id refused, its prompt from the list
+    row, else the captions (by relative path, path, file name, id), else ``default_prompt``."""
+    rel_path = e.rel_path if e.where is None else _list_rel(e.rel_path)
+    name = rel_path.rpartition("/")[2]
+    suffix = _suffix(name)
+    rel = rel_path[: len(rel_path) - len(suffix)] if suffix else rel_path
+    item_id = rel.replace("/", "__")
+    cur.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (item_id, e.path))
+    at = "" if e.where is None else f"{e.where}: "  # a list row's errors name the list and line
+    if cur.rowcount == 0:  # recorded under its name with suffix, so it never shadows the first one
+        (first,) = seen.execute("SELECT path FROM seen WHERE id = ?", (item_id,)).fetchone()
+        error = f"{at}duplicate image id {item_id!r}: also {first}; rename one"
+        return Item(rel_path.replace("/", "__"), e.path, None, error, e.where)
+    prompt, error, captioned = default_prompt, None, False
+    if e.prompt is not None and e.prompt != "":
+        prompt = e.prompt
+    elif captions is not None:
+        keys = (e.rel_path, e.path.replace("\\", "/"), name, rel, item_id)
+        if isinstance(captions, CaptionIndex):
+            rows = captions.first(keys)
+        else:
+            rows = next((captions[k] for k in keys if k in captions), None)
+        if rows is not None:
+            if len(set(rows)) > 1:
+                error = f"{at}{len(rows)} different captions for {e.rel_path}; keep one row per image"
+            prompt, captioned = rows[0], True
+    return Item(item_id, e.path, prompt, error, e.where, captioned)

@@ -12,10 +12,8 @@ Written once, top to bottom (``run_rank``):
    the whole state is checkpointed every ``output.checkpoint_every_s`` and on a stop signal.
 7. **Summary**.
 
-Resilience: a bad image, id or caption is recorded as failed and the run goes on. A checkpoint holds every
-in-flight image; on resume, images that finished after it (their index entries are newer) run again without
-being written again ("ghosts"), so the engine sees exactly the stream it saw and the resumed run is
-bit-identical to an uninterrupted one. Ranks never exchange gradients (every rank is its own process).
+A bad image, id or caption is recorded as failed and the run goes on. On resume, images that finished after the
+checkpoint (newer index entries) run again unwritten ("ghosts"): the engine sees the stream it saw, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from nti_lightning.data.items import Item
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.slots import Failed, SlotEngine, Tick
+from nti_lightning.jobs.common import summary_path
 from nti_lightning.jobs.invert_items import (
     PRE_LOAD_UNKNOWN,
     WorkerItems,
@@ -59,11 +58,6 @@ from nti_lightning.run.progress import add_log_file, close_bar, close_logger, pr
 from nti_lightning.run.records import FAILED, OK, Row
 from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job
 from nti_lightning.run.summary import RunSummary
-
-
-def summary_path(out_dir: Path, worker: WorkerId) -> Path:
-    """Where a worker leaves its final counts for the process that launched it."""
-    return Path(out_dir) / "logs" / f"summary.{worker.name}.json"
 
 
 class InvertWorker(WorkerItems):
