@@ -36,7 +36,8 @@ def test_installed_diffusers_is_one_the_direct_dispatch_is_tested_on():
     low, high = (Version(v) for v in TESTED_DIFFUSERS)
     assert low <= Version(diffusers.__version__) < high, (
         f"diffusers {diffusers.__version__} is outside TESTED_DIFFUSERS {TESTED_DIFFUSERS}: the direct attention "
-        "dispatch is off there. Run tests/test_attention_dispatch.py on it, then widen the range (or lower the floor)"
+        "dispatch is off there. Run tests/models/test_attention_dispatch.py on it, "
+        "then widen the range (or lower the floor)"
     )
     assert direct_dispatch_enabled()
 

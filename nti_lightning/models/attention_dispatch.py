@@ -13,7 +13,7 @@ The shortcut relies on a private contract: that ``Attention.forward(hidden_state
 attention_mask, **cross_attention_kwargs)`` only filters the kwargs and calls
 ``self.processor(self, hidden_states, encoder_hidden_states=…, attention_mask=…)``. It is installed only where
 ``dispatch_check`` finds a diffusers release inside ``TESTED_DIFFUSERS`` (the range CI proves bit-identical,
-tests/test_attention_dispatch.py) whose ``Attention.forward`` still has that signature; elsewhere diffusers'
+tests/models/test_attention_dispatch.py) whose ``Attention.forward`` still has that signature; elsewhere diffusers'
 own forward runs, and one log line says why.
 """
 

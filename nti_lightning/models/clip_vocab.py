@@ -50,7 +50,7 @@ def byte_table() -> dict[int, str]:
     take the code points from 256 on, in byte order.
 
     Written here because the ids follow this order: ``tokenizers``' ``ByteLevel.alphabet()`` has the same 256
-    symbols but unordered (pinned in tests/test_real_tokenizer.py).
+    symbols but unordered (pinned in tests/models/test_real_tokenizer.py).
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in set(printable)]

@@ -18,7 +18,7 @@ from nti_lightning.models import model_from_components
 from nti_lightning.models.tiny import UNET_CONFIG
 from nti_lightning.p2p.attention import P2PAttnProcessor, place_in_unet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64  # 8×8 latents: the tiny UNet's smallest size, fast on CPU
 NATIVE = 128  # 16×16 latents; at 8×8 the random UNet's 1×1 bottleneck (GroupNorm over 2 values) turns
 # batch-size rounding (1e-6) into O(0.1) differences, so batched comparisons use the native size

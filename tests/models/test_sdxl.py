@@ -247,7 +247,7 @@ def test_unet_step_benchmark_takes_sdxl(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_unet_step.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_unet_step.py"
     spec = importlib.util.spec_from_file_location("nti_step_script_sdxl", script)
     step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step)

@@ -213,7 +213,7 @@ def train_tiny():
     """scripts/train_tiny.py as a module (it imports scripts/tiny_data.py beside it)."""
     import sys
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
     sys.path.insert(0, str(scripts))
     spec = importlib.util.spec_from_file_location("_train_tiny", scripts / "train_tiny.py")
     module = sys.modules["_train_tiny"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up

@@ -11,7 +11,7 @@ from PIL import Image
 from nti_lightning.data.image import prepare_image, tensor_to_image
 from nti_lightning.p2p.figures import STRIP_GAP
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_strip_has_a_labelled_row_per_sample_and_five_columns(tmp_path):
