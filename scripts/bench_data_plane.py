@@ -272,8 +272,8 @@ def synthetic_run(work: Path, n_done: int, tasks: int) -> tuple[Path, Path]:
     over ``tasks`` array tasks (one index and progress file each; input shard k was task k mod tasks's), and
     one real input shard still to do, task 0's. The done shards' input and output files are present (what a
     rerun checks) but hold nothing: a rerun that opened one would fail. Returns (folder, inputs)."""
-    from nti_lightning.run.records import ENTRY, id_key, short_hash
     from nti_lightning.run.share import prompt_settings
+    from nti_lightning.store.records import ENTRY, id_key, short_hash
     from nti_lightning.store.tar_records import shard_file
 
     folder, inputs = work / f"million-{tasks}", work / f"million-inputs-{tasks}"

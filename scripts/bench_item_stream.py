@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nti_lightning.data.items import iter_items  # noqa: E402
+from nti_lightning.data.inputs import iter_items  # noqa: E402
 
 
 def peak_rss_mib() -> float:

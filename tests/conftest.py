@@ -19,7 +19,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 CORE_TESTS = (
-    "engine/", "store/", "p2p/", "models/", "run/test_records.py", "run/test_checkpoint.py", "run/test_claim.py",
+    "engine/", "store/", "p2p/", "models/", "store/test_records.py", "run/test_checkpoint.py", "run/test_claim.py",
     "run/test_launch.py", "jobs/test_invert_resume_batched.py", "eval/test_metrics.py", "data/test_shards.py",
     "test_public_api.py", "test_private_contracts.py",
 )  # fmt: skip

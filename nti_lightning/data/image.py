@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from nti_lightning.data.items import IMAGE_SUFFIXES  # noqa: E402,F401
-
 MIN_SIDE = 32
 """Smaller images are refused: upscaling a few pixels to 512 is not a reconstruction of anything."""
 MAX_PIXELS = 40_000**2

@@ -310,49 +310,29 @@ def _list_rel(written: str) -> str:
     return "/".join(s for s in written.split("/") if s not in ("", ".", ".."))
 
 
-def iter_items(
-    inputs: list[str],
-    captions: Mapping[str, list] | None,
-    default_prompt: str | None = None,
-    caption_column: str | None = None,
-    image_column: str | None = None,
-) -> Iterator[Item]:
-    """Items in input order: folders recursively (sorted), files, and the rows of list files (``.jsonl`` /
-    ``.csv`` with ``image`` and optional ``prompt``; ``.txt`` one path per line; relative to the list's
-    folder). A list row's prompt wins; otherwise captions are looked up by relative path, path with suffix,
-    file name and id; otherwise ``default_prompt``. Duplicate ids, ambiguous captions and bad list rows become
-    items with an error. Lazy: nothing is read ahead, and the ids seen so far are kept in a temporary SQLite
-    database, so memory does not grow with the number of items. Image files are not opened or checked here.
+class FileItems:
+    """The items of plain inputs (folders, image files, list files), with the ids seen so far kept in a private
+    temporary SQLite database so a duplicate id is found across inputs with bounded memory. Close it when done."""
 
-    Tar and Parquet shards (``.tar``/``.parquet`` files, brace patterns, folders of shards; see
-    ``nti_lightning.data.shards``) give their samples in shard order, each with its image bytes (``Item.data``),
-    its caption from the sample (``caption_column``) unless ``captions`` has a row for it, and the id
-    ``<shard name>/<key>``."""
-    from nti_lightning.data import shards  # it builds on Item: imported here, not at the top
+    def __init__(self) -> None:
+        self.seen = temp_db()
+        self.seen.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, path TEXT NOT NULL) WITHOUT ROWID")
+        self.cur = self.seen.cursor()
 
-    seen = temp_db()
-    seen.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, path TEXT NOT NULL) WITHOUT ROWID")
-    cur = seen.cursor()
-    shard_names: dict[str, set] = {}  # the shards of earlier inputs: a shard's ids never collide
-    try:
-        for inp in inputs:
-            if shards.is_shard_input(inp):  # its ids hold a "/", a file's never do: no check against `seen`
-                refs = shards.list_shards([inp], image_column)
-                shards.check_names(refs, shard_names)
-                for ref in refs:
-                    yield from shards.iter_shard(ref, captions, default_prompt, caption_column, None, image_column)
-                continue
-            root = Path(inp)
-            if root.is_dir():
-                found: Iterator[_Entry | Item] = _scan(root)
-            elif root.suffix.lower() in LIST_SUFFIXES:
-                found = _list_rows(root)
-            else:
-                found = iter([_Entry(root.name, str(root))])
-            for e in found:
-                yield e if isinstance(e, Item) else _entry_item(e, seen, cur, captions, default_prompt)
-    finally:
-        seen.close()
+    def items(self, inp: str, captions: Mapping[str, list] | None, default_prompt: str | None) -> Iterator[Item]:
+        """The items of one input, in a stable order: a folder recursively (sorted), a list file's rows, a file."""
+        root = Path(inp)
+        if root.is_dir():
+            found: Iterator[_Entry | Item] = _scan(root)
+        elif root.suffix.lower() in LIST_SUFFIXES:
+            found = _list_rows(root)
+        else:
+            found = iter([_Entry(root.name, str(root))])
+        for e in found:
+            yield e if isinstance(e, Item) else _entry_item(e, self.seen, self.cur, captions, default_prompt)
+
+    def close(self) -> None:
+        self.seen.close()
 
 
 def _entry_item(e: _Entry, seen, cur, captions: Mapping[str, list] | None, default_prompt: str | None) -> Item:

@@ -1,6 +1,6 @@
 """Evaluation outputs: the records of every worker read back, summary JSON/Markdown, plot and image strips.
 
-``nti eval`` records each finished (image, method) pair through the run layer (``run.records.RecordLog``: one
+``nti eval`` records each finished (image, method) pair through the run layer (``store.records.RecordLog``: one
 manifest line per pair, committed by its index entry, per worker). Here they are read back from every worker's
 manifests (``read_records``: the latest record of each pair) and summarised. The Markdown table has the columns
 of PIE-Bench's Table 1 (Ju et al., "PnP Inversion", ICLR 2024) with the same scalings (Structure ×10³, LPIPS
@@ -117,7 +117,7 @@ def write_summary(
     counts = ", ".join(f"{m} {len(ids)}" for m, ids in _group_ids(records).items())
     table = markdown_table(summary) + f"\nImages per method: {counts}.\n"
     atomic_write(out / "summary.md", table.encode("utf-8"), tmp_dir)
-    from nti_lightning.run.records import dumps
+    from nti_lightning.store.records import dumps
 
     lines = "".join(dumps(r) + "\n" for r in records)
     atomic_write(out / PER_IMAGE, lines.encode("utf-8"), tmp_dir)

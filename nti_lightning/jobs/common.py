@@ -21,9 +21,9 @@ from pathlib import Path
 from nti_lightning.run.folder import RunFolder, WorkerId
 from nti_lightning.run.launch import Placement
 from nti_lightning.run.progress import add_log_file, close_bar, close_logger, worker_logger
-from nti_lightning.run.records import RecordLog
 from nti_lightning.run.signals import Preempted, StopFlag
 from nti_lightning.run.summary import RunSummary
+from nti_lightning.store.records import RecordLog
 
 
 def summary_path(out_dir: Path, worker: WorkerId) -> Path:

@@ -39,9 +39,9 @@ from nti_lightning.p2p.outputs import edit_files, settings_record, slug, write_e
 from nti_lightning.run.folder import WorkerId
 from nti_lightning.run.launch import Placement, launch, make_fabric
 from nti_lightning.run.progress import progress_bar
-from nti_lightning.run.records import FAILED, OK, RunIndex, dumps, short_hash
 from nti_lightning.run.signals import Preempted, StopFlag
 from nti_lightning.store.files import atomic_write, inside, item_relpath
+from nti_lightning.store.records import FAILED, OK, RunIndex, dumps, short_hash
 from nti_lightning.text import check_prompt
 
 CHUNK = 4096

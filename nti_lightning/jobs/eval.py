@@ -42,8 +42,8 @@ from nti_lightning.jobs.invert_items import prefetched
 from nti_lightning.run.folder import OutputMismatchError, WorkerId
 from nti_lightning.run.launch import Placement, launch, make_fabric
 from nti_lightning.run.progress import progress_bar
-from nti_lightning.run.records import FAILED, OK, RunIndex, short_hash
 from nti_lightning.run.signals import Preempted, StopFlag
+from nti_lightning.store.records import FAILED, OK, RunIndex, short_hash
 from nti_lightning.text import PromptError, check_prompt
 
 NOT_IDENTITY = ("method", "batch_size", "slots", "batch_invariant")

@@ -55,9 +55,9 @@ from nti_lightning.run import checkpoint as ckpt
 from nti_lightning.run.folder import RunFolder, WorkerId
 from nti_lightning.run.launch import Placement, make_fabric
 from nti_lightning.run.progress import add_log_file, close_bar, close_logger, progress_bar, worker_logger
-from nti_lightning.run.records import FAILED, OK, Row
 from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job
 from nti_lightning.run.summary import RunSummary
+from nti_lightning.store.records import FAILED, OK, Row
 
 
 class InvertWorker(WorkerItems):

@@ -31,9 +31,9 @@ from nti_lightning.data.shards import is_shard_pattern, read_sample
 from nti_lightning.engine.slots import Admission
 from nti_lightning.jobs.invert_outputs import ShardOutputs
 from nti_lightning.run.layout import choose_layout
-from nti_lightning.run.records import FAILED, OK, RunIndex, done_by_source, short_hash, write_legacy_index
 from nti_lightning.run.share import InputShare, read_progress
 from nti_lightning.store.files import item_relpath
+from nti_lightning.store.records import FAILED, OK, RunIndex, done_by_source, short_hash, write_legacy_index
 from nti_lightning.store.tar_records import locate_shard
 from nti_lightning.text import PromptError, check_prompt
 

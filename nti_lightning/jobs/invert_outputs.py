@@ -36,9 +36,9 @@ from nti_lightning.data.items import Item
 from nti_lightning.engine.sampling import decode_latents
 from nti_lightning.metrics import image_metrics, latent_mse_value
 from nti_lightning.p2p.figures import labelled_strip
-from nti_lightning.run.records import dumps
 from nti_lightning.store.files import atomic_save_image, atomic_write, inside, item_relpath
 from nti_lightning.store.inversion import Inversion, inversion_to_bytes, save_inversion
+from nti_lightning.store.records import dumps
 from nti_lightning.store.shard_writer import ShardWriter
 from nti_lightning.store.tar_records import INVERSION_EXT, META_EXT, SHARDS_DIR, shard_file
 

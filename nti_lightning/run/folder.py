@@ -11,7 +11,7 @@ Every command's job (``nti invert``, ``nti eval``, ``nti edit --edits``) opens i
    start-up handshake, through a file, since ranks are independent processes.
 
 A run that stops at a check before ``commit`` leaves nothing behind: the folders it made are removed again.
-The worker's own files: ``manifest*.jsonl`` and ``.nti/index/<worker>.idx`` (``run.records``),
+The worker's own files: ``manifest*.jsonl`` and ``.nti/index/<worker>.idx`` (``store.records``),
 ``checkpoints/shard{s}.rank{r}.pt``, ``logs/<worker>.log``, ``progress/<worker>.json`` and its temporary folder
 ``.nti/tmp/<worker>/`` (emptied when it starts: what a killed writer left there goes).
 """
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nti_lightning.run.claim import Claim, OutputLockedError, is_orphan, live_claims
-from nti_lightning.run.records import FAILURES_DIR, INDEX_DIR, RecordLog
 from nti_lightning.store.files import atomic_write, clear_folder, remove_stale_tmp
+from nti_lightning.store.records import FAILURES_DIR, INDEX_DIR, RecordLog
 
 
 class OutputMismatchError(RuntimeError):

@@ -1,6 +1,6 @@
 """A worker's share of a run's inputs: plain inputs split per item, dataset shards split per shard.
 
-* **Plain inputs** (image files, folders, list files) are one stream (``data.items.iter_items``), numbered
+* **Plain inputs** (image files, folders, list files) are one stream (``data.inputs.iter_items``), numbered
   k = 0, 1, …; item k is the worker's when ``WorkerId.is_mine(k)``. Every worker walks the whole stream (names
   only; no image is opened), so each knows the plain total exactly.
 * **Input shards** (tar, Parquet row groups) are listed once (``data.shards.list_shards``, the same order on
@@ -8,7 +8,7 @@
   (``shard_size``: tar headers, a Parquet footer) and to read.
 
 Each input shard is known in the run by its **source** hash, ``short_hash("<name>[#<row group>]:<bytes>")``,
-stored in the index entry of every record made from it (``run.records``): done counts per input shard come
+stored in the index entry of every record made from it (``store.records``): done counts per input shard come
 from the index alone. The file's byte size is part of it, so a shard replaced by another of the same name
 counts as new. Each worker's progress file lists its shards (name, source, size); a rerun takes the sizes from
 there (same source: same file) instead of counting again.
@@ -30,10 +30,11 @@ from pathlib import Path
 
 from nti_lightning.data import shards as shard_io
 from nti_lightning.data.ids import UnsafeIdError, check_id
-from nti_lightning.data.items import Item, iter_items
+from nti_lightning.data.inputs import iter_items
+from nti_lightning.data.items import Item
 from nti_lightning.data.samples import ShardRef
 from nti_lightning.run.folder import WorkerId
-from nti_lightning.run.records import short_hash
+from nti_lightning.store.records import short_hash
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nti_lightning.data.ids import printable
-from nti_lightning.run.records import (
+from nti_lightning.store.records import (
     FAILED,
     FAILURES_DIR,
     INDEX_DIR,

@@ -48,7 +48,7 @@ class RunSummary:
         self.interrupted |= other.interrupted
 
     def save(self, path: Path) -> None:
-        from nti_lightning.run.records import dumps
+        from nti_lightning.store.records import dumps
 
         fields = {k: v for k, v in vars(self).items() if k != "output"}
         atomic_write(path, dumps(fields).encode())

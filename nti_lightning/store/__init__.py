@@ -1,1 +1,1 @@
-"""What runs write and read: the inversion record and its null-embedding codec, atomic files, the manifest."""
+"""What runs write and read: the inversion record and its null-embedding codec, atomic files, the record log (manifest lines and their index)."""

@@ -1,6 +1,6 @@
 """Reading a run's manifests (``manifest*.jsonl``, one JSON line per item and attempt, per worker), merged.
 
-The run layer writes them (``run.records``) and commits each line with an index entry; these readers are for
+The run layer writes them (``store.records``) and commits each line with an index entry; these readers are for
 tools and people who want whole records: every line of every worker, or the latest record of each id.
 """
 

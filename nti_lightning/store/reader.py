@@ -1,6 +1,6 @@
 """``open_run(OUTPUT)``: every inversion of a run, whatever its layout, as a lazy mapping id → ``Inversion``.
 
-Where a record is comes from the run's index (``run.records``: 64 bytes per image, the latest entry of an id
+Where a record is comes from the run's index (``store.records``: 64 bytes per image, the latest entry of an id
 wins): an entry with ``out_shard >= 0`` is in the ``shards`` layout, in ``shards/<worker>-<n>.tar`` (or the
 ``.tar.part`` being written) at byte ``out_offset`` (``tar_records``); one with ``out_shard = -1`` is a
 ``folders``-layout file, at ``images/[ab/]<id component>/inversion.safetensors`` — or, in folders made before
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nti_lightning.run.records import INDEX_DIR, OK, RunIndex, legacy_entries, read_index_file
 from nti_lightning.store.files import item_relpath
 from nti_lightning.store.inversion import Inversion, inversion_from_bytes, validate_record
+from nti_lightning.store.records import INDEX_DIR, OK, RunIndex, legacy_entries, read_index_file
 from nti_lightning.store.tar_records import INVERSION_EXT, META_EXT, index_file, locate_shard, read_member, read_span
 
 LOCATION = np.dtype([("worker", "<i4"), ("shard", "<i4"), ("offset", "<i8")])

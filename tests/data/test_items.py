@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from nti_lightning.cli import main
-from nti_lightning.data.items import CaptionIndex, Item, iter_items, read_captions
+from nti_lightning.data.inputs import iter_items
+from nti_lightning.data.items import CaptionIndex, Item, read_captions
 from nti_lightning.run import read_manifest
-from nti_lightning.run.records import FAILED, OK, RunIndex, write_legacy_index
 from nti_lightning.run.status import status
+from nti_lightning.store.records import FAILED, OK, RunIndex, write_legacy_index
 
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from nti_lightning.cli import main
-from nti_lightning.data.items import iter_items, read_captions
+from nti_lightning.data.inputs import iter_items
+from nti_lightning.data.items import read_captions
 
 FAST = ["inversion.num_ddim_steps=2", "inversion.num_inner_steps=1", "inversion.image_size=64",
         "inversion.batch_size=1", "output.compute_baseline=false", "output.save_strip=false",

@@ -15,7 +15,8 @@ from shard_files import HF_IMAGE, encoded, hf_rows, img2dataset_shard, write_par
 
 from nti_lightning.data import shard_tar
 from nti_lightning.data.image import ImageError, prepare_image
-from nti_lightning.data.items import iter_items, read_captions
+from nti_lightning.data.inputs import iter_items
+from nti_lightning.data.items import read_captions
 from nti_lightning.data.shards import (
     ShardRef,
     is_shard_input,

@@ -20,7 +20,7 @@ from nti_lightning.eval.report import (
     write_summary,
 )
 from nti_lightning.run.folder import RunFolder, WorkerId
-from nti_lightning.run.records import OK
+from nti_lightning.store.records import OK
 
 
 def _records():

@@ -20,8 +20,8 @@ from run_outputs import read_nulls, spawn_invert
 from nti_lightning.cli import main
 from nti_lightning.exit_codes import EXIT_SOME_FAILED
 from nti_lightning.run import read_manifest
-from nti_lightning.run.records import ENTRY
 from nti_lightning.run.status import status
+from nti_lightning.store.records import ENTRY
 
 IDS = ["img0", "img1", "img2"]
 POINTS = [

@@ -11,7 +11,7 @@ from run_outputs import assert_same_as_reference, read_nulls
 from nti_lightning.cli import EXIT_PREEMPTED, main
 from nti_lightning.jobs.invert import InvertWorker
 from nti_lightning.run import read_manifest
-from nti_lightning.run.records import OK, RecordLog
+from nti_lightning.store.records import OK, RecordLog
 
 IDS = ["img0", "img1", "img2", "img3", "img4"]
 # the exact codec: runs are compared bit for bit

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nti_lightning.run.records import FAILED, OK, RecordLog, RunIndex, done_by_source, short_hash
+from nti_lightning.store.records import FAILED, OK, RecordLog, RunIndex, done_by_source, short_hash
 
 
 def _log(root, name):

@@ -17,7 +17,7 @@ torn item was not committed and is redone); readers skip one. A manifest line wh
 
 Fixed-width binary entries rather than SQLite: appends are the only writes (safe on NFS/Lustre, where SQLite's
 locking is not), a torn entry is found by the file's length, and numpy reads the whole index in one call
-(``tests/run/test_records.py`` pins the torn-tail cases).
+(``tests/store/test_records.py`` pins the torn-tail cases).
 """
 
 from __future__ import annotations

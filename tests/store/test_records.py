@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from nti_lightning.run.records import (
+from nti_lightning.store.records import (
     ENTRY,
     FAILED,
     OK,
