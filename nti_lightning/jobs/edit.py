@@ -1,6 +1,6 @@
 """``nti edit OUTPUT --edits FILE``: every line of FILE edits an image of the ``nti invert`` run in OUTPUT.
 
-A job on the run layer, in ``run_job``'s frame (``jobs.common``), with its own folder ``OUTPUT/edits``
+A job on the run layer, in ``run_job``'s frame (``run.job``), with its own folder ``OUTPUT/edits``
 (``output.folder``): its claim, ``run.json``, ``config.yaml``, records, logs and pictures.
 
 1. **Check** that OUTPUT is a folder and FILE a file.
@@ -29,7 +29,6 @@ from pathlib import Path
 from nti_lightning.config import config_to_yaml
 from nti_lightning.data.ids import UnsafeIdError, check_id
 from nti_lightning.engine.runtime import Runtime
-from nti_lightning.jobs.common import JobWorker, run_job, summary_path
 from nti_lightning.jobs.edit_config import EditRunConfig
 from nti_lightning.p2p import cli as p2p_cli
 from nti_lightning.p2p.edit import build_controller
@@ -37,6 +36,7 @@ from nti_lightning.p2p.edit_file import Line, read_edit_lines, recorded_inversio
 from nti_lightning.p2p.figures import input_image
 from nti_lightning.p2p.outputs import edit_files, settings_record, slug, write_edit
 from nti_lightning.run.folder import WorkerId
+from nti_lightning.run.job import JobWorker, run_job, summary_path
 from nti_lightning.run.launch import Placement, launch, make_fabric
 from nti_lightning.run.progress import progress_bar
 from nti_lightning.run.signals import Preempted, StopFlag

@@ -1,6 +1,6 @@
 """``nti eval``: every (image, method) pair of a PIE-Bench-format folder inverted, reconstructed, edited, measured.
 
-On the run layer, as ``nti invert`` (``jobs.invert``), in ``run_job``'s frame (``jobs.common``):
+On the run layer, as ``nti invert`` (``jobs.invert``), in ``run_job``'s frame (``run.job``):
 
 1. **Check** the folder's entries (``eval.pie.load_pie``, each id checked: one line per bad entry, the run goes
    on) and this worker's static share: entry k → array task k mod S, then rank (k div S) mod world
@@ -36,10 +36,10 @@ from nti_lightning.eval import report
 from nti_lightning.eval.config import EvalConfig
 from nti_lightning.eval.metrics import Backbones, load_nets
 from nti_lightning.eval.pie import load_pie
-from nti_lightning.jobs.common import JobWorker, run_job, summary_path
 from nti_lightning.jobs.eval_pairs import decode_entry, entry_fingerprint, evaluate_pair, write_strip
 from nti_lightning.jobs.invert_items import prefetched
 from nti_lightning.run.folder import OutputMismatchError, WorkerId
+from nti_lightning.run.job import JobWorker, run_job, summary_path
 from nti_lightning.run.launch import Placement, launch, make_fabric
 from nti_lightning.run.progress import progress_bar
 from nti_lightning.run.signals import Preempted, StopFlag

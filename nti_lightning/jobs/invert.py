@@ -31,7 +31,6 @@ from nti_lightning.data.items import Item
 from nti_lightning.engine.batch_probe import probe_batch_size
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.engine.slots import Failed, SlotEngine, Tick
-from nti_lightning.jobs.common import summary_path
 from nti_lightning.jobs.invert_items import (
     PRE_LOAD_UNKNOWN,
     WorkerItems,
@@ -53,6 +52,7 @@ from nti_lightning.jobs.invert_outputs import (
 )
 from nti_lightning.run import checkpoint as ckpt
 from nti_lightning.run.folder import RunFolder, WorkerId
+from nti_lightning.run.job import summary_path
 from nti_lightning.run.launch import Placement, make_fabric
 from nti_lightning.run.progress import add_log_file, close_bar, close_logger, progress_bar, worker_logger
 from nti_lightning.run.signals import Preempted, StopFlag, requeue_slurm_job

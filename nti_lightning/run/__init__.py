@@ -3,9 +3,9 @@
 ``folder`` (a worker's view of its run folder: claims, settings, the start-up handshake) with ``claim`` (one run
 per folder and shard, held by every rank), ``checkpoint`` (a worker's engine state through Lightning's
 ``CheckpointIO``), ``launch`` (ranks as independent processes, Fabric per rank), ``signals`` (stop, preempt, die
-with the launcher), ``progress`` (logging and the bar), ``summary`` (a worker's counts) and ``status``
-(``nti status``). Records go to ``store.records`` (the append-only record log and the compact index that commits
-it), files through ``store.files.atomic_write``.
+with the launcher), ``progress`` (logging and the bar), ``job`` (the frame a job's worker runs in), ``summary``
+(a worker's counts) and ``status`` (``nti status``). Records go to ``store.records`` (the append-only record log
+and the compact index that commits it), files through ``store.files.atomic_write``.
 """
 
 from importlib import import_module

@@ -1,4 +1,4 @@
-"""What the jobs built on the run layer share around their own work (``jobs.eval``, ``jobs.edit``).
+"""The frame of a job on the run layer, around its own work (``jobs.eval``, ``jobs.edit``).
 
 ``JobWorker`` holds one worker's folder (``run.folder.RunFolder``), logger and counts; ``run_job`` is the frame
 every such job runs in, in the order of the run layer (``jobs.invert`` is the model):
