@@ -84,24 +84,16 @@ def cmd_invert(args) -> int:
     from nti_lightning.config import ConfigError, load_config
     from nti_lightning.jobs.invert import run_inversion
     from nti_lightning.jobs.invert_outputs import format_header, format_row
-    from nti_lightning.run.claim import ClaimLostError, OutputLockedError
-    from nti_lightning.run.folder import OutputMismatchError
-    from nti_lightning.run.launch import RankFailedError
 
     try:
         cfg = load_config(args.config, invert_overrides(args))
     except ConfigError as e:
         print(f"nti invert: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    try:
-        summary = run_inversion(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, quiet=args.quiet,
-                                argv=args.argv)  # fmt: skip
-    except (OutputMismatchError, OutputLockedError, ClaimLostError) as e:
-        print(f"nti invert: {printable(e)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except RankFailedError as e:  # another rank launched by this process failed (this one finished)
-        print(f"nti invert: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    summary = run_job_command("invert", lambda: run_inversion(cfg, overwrite=args.overwrite,
+                              retry_failed=args.retry_failed, quiet=args.quiet, argv=args.argv))  # fmt: skip
+    if isinstance(summary, int):
+        return summary
     if summary.rank != 0:  # a rank launched by rank 0, which reports the whole run; its rows are in its log
         return EXIT_PREEMPTED if summary.preempted else exit_status(summary, quiet=True)
     rows = summary.done + summary.failed
@@ -167,13 +159,14 @@ def cmd_eval(args) -> int:
         return EXIT_CONFIG_ERROR
     from nti_lightning.jobs.eval import run_eval
 
-    summary = run_job_command("eval", lambda: run_eval(cfg, overwrite=args.overwrite, quiet=args.quiet, argv=args.argv))
-    if isinstance(summary, int):
-        return summary
-    if summary.rank == 0:
-        print(f"{summary.n_done} pair(s) evaluated, {summary.n_failed} failed, {summary.skipped} already done → "
-              f"{cfg.output.dir}/summary.md")  # fmt: skip
-    return job_exit_status(summary, "pair(s)", quiet=summary.rank != 0)
+    return run_job(
+        "eval",
+        lambda: run_eval(cfg, overwrite=args.overwrite, quiet=args.quiet, argv=args.argv),
+        "pair(s)",
+        lambda s: (
+            f"{s.n_done} pair(s) evaluated, {s.n_failed} failed, {s.skipped} already done → {cfg.output.dir}/summary.md"
+        ),
+    )
 
 
 def cmd_edit(args) -> int:
@@ -193,13 +186,12 @@ def cmd_edit(args) -> int:
         return EXIT_CONFIG_ERROR
     from nti_lightning.jobs.edit import run_edits
 
-    summary = run_job_command("edit", lambda: run_edits(cfg, quiet=args.quiet, argv=args.argv))
-    if isinstance(summary, int):
-        return summary
-    if summary.rank == 0:
-        print(f"{summary.n_done} edited, {summary.n_failed} failed, {summary.skipped} already done → "
-              f"{summary.output}/results.jsonl")  # fmt: skip
-    return job_exit_status(summary, "line(s)", quiet=summary.rank != 0)
+    return run_job(
+        "edit",
+        lambda: run_edits(cfg, quiet=args.quiet, argv=args.argv),
+        "line(s)",
+        lambda s: f"{s.n_done} edited, {s.n_failed} failed, {s.skipped} already done → {s.output}/results.jsonl",
+    )
 
 
 def run_job_command(name: str, run):
@@ -216,6 +208,17 @@ def run_job_command(name: str, run):
     except RankFailedError as e:  # another rank launched by this process failed (this one finished)
         print(f"nti {name}: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_job(name: str, run, what: str, done_line) -> int:
+    """A job of the run layer (eval, edit) end to end: ``run_job_command``, then rank 0 prints ``done_line(summary)``;
+    the exit status of ``job_exit_status``."""
+    summary = run_job_command(name, run)
+    if isinstance(summary, int):
+        return summary
+    if summary.rank == 0:
+        print(done_line(summary))
+    return job_exit_status(summary, what, quiet=summary.rank != 0)
 
 
 def job_exit_status(summary, what: str, quiet: bool = False) -> int:

@@ -146,6 +146,12 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ValueError(f"{key}={value!r} {rule}")
 
 
+def check_shard(shard_index: int, num_shards: int) -> None:
+    """The split of every job's data config: this task is shard ``shard_index`` of ``num_shards``."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"data.shard_index must be in [0, data.num_shards), got {shard_index} of {num_shards}")
+
+
 CPU_BATCH_SIZE = 8
 """``batch_size="auto"`` on a CPU: measured fastest of 1/4/8/16 on the tiny model (docs/performance.md)."""
 
@@ -221,10 +227,7 @@ class DataConfig:
     Image k goes to shard k mod num_shards, then to rank (k div num_shards) mod world size."""
 
     def __post_init__(self) -> None:
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(
-                f"data.shard_index must be in [0, data.num_shards), got {self.shard_index} of {self.num_shards}"
-            )
+        check_shard(self.shard_index, self.num_shards)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from nti_lightning.edit_config import (
     parse_cross_replace,
     parse_window,
 )
+from nti_lightning.flags import flag_overrides
 
 D = EDIT_DEFAULTS
 DESCRIPTION = f"""\
@@ -155,11 +156,7 @@ def moved_overrides(args: argparse.Namespace) -> list[str]:
 def edit_overrides(args: argparse.Namespace) -> list[str]:
     """``nti edit``'s dotlist: the key=value arguments, then each flag given as the key it sets (values as JSON,
     which OmegaConf reads as YAML: paths with ':' ',' or spaces survive)."""
-    overrides = [*getattr(args, "overrides", []), *moved_overrides(args)]
-    for dest, key in FLAG_KEYS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = [*getattr(args, "overrides", []), *moved_overrides(args), *flag_overrides(args, FLAG_KEYS)]
     if args.cross_replace is not None:
         overrides.append(f"edit.cross_replace={json.dumps(parse_cross_replace(args.cross_replace, D.cross_replace))}")
     if args.edits:  # the batch form: the run folder, and --device as the accelerator

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nti_lightning.flags import flag_overrides
 from nti_lightning.methods import METHODS
 
 EVAL_USAGE = """Compare inverters on a PIE-Bench-format folder (mapping_file.json + annotation_images/): per image and
@@ -69,11 +70,7 @@ def add_eval_subparser(subparsers):
 def eval_overrides(args: argparse.Namespace) -> list[str]:
     """``nti eval``'s dotlist: DIR, the key=value arguments, then each flag given as the key it sets (values as
     JSON, which OmegaConf reads as YAML: paths with ':' ',' or spaces survive)."""
-    overrides = [f"data.dir={json.dumps(args.data)}", *getattr(args, "overrides", [])]
-    for dest, key in FLAG_KEYS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = [f"data.dir={json.dumps(args.data)}", *getattr(args, "overrides", []), *flag_overrides(args, FLAG_KEYS)]
     if args.methods is not None:
         overrides.append(f"methods={json.dumps([m.strip() for m in args.methods.split(',')])}")
     if args.batch_size is not None:

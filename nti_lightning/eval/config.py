@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nti_lightning.config import InversionConfig, ModelConfig, TrainerConfig, load_config
+from nti_lightning.config import InversionConfig, ModelConfig, TrainerConfig, check_shard, load_config
 from nti_lightning.methods import METHODS
 
 CROSS_REPLACE = 0.4
@@ -40,10 +40,7 @@ class PieDataConfig:
     """Array tasks splitting the entries (``data.num_shards=$SLURM_ARRAY_TASK_COUNT``)."""
 
     def __post_init__(self) -> None:
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(
-                f"data.shard_index must be in [0, data.num_shards), got {self.shard_index} of {self.num_shards}"
-            )
+        check_shard(self.shard_index, self.num_shards)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit (--limit) must be >= 1, got {self.limit}")
 

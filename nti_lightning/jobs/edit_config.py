@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from nti_lightning.config import TrainerConfig
+from nti_lightning.config import TrainerConfig, check_shard
 from nti_lightning.edit_config import EditConfig
 
 JOB_FOLDER = re.compile(r"edits[A-Za-z0-9_.-]*")
@@ -40,10 +40,7 @@ class EditDataConfig:
     """Array tasks splitting the lines (``data.num_shards=$SLURM_ARRAY_TASK_COUNT``)."""
 
     def __post_init__(self) -> None:
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(
-                f"data.shard_index must be in [0, data.num_shards), got {self.shard_index} of {self.num_shards}"
-            )
+        check_shard(self.shard_index, self.num_shards)
 
 
 @dataclass
