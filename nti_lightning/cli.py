@@ -159,7 +159,7 @@ def cmd_eval(args) -> int:
         return EXIT_CONFIG_ERROR
     from nti_lightning.jobs.eval import run_eval
 
-    return run_job(
+    return run_and_report(
         "eval",
         lambda: run_eval(cfg, overwrite=args.overwrite, quiet=args.quiet, argv=args.argv),
         "pair(s)",
@@ -186,7 +186,7 @@ def cmd_edit(args) -> int:
         return EXIT_CONFIG_ERROR
     from nti_lightning.jobs.edit import run_edits
 
-    return run_job(
+    return run_and_report(
         "edit",
         lambda: run_edits(cfg, quiet=args.quiet, argv=args.argv),
         "line(s)",
@@ -210,7 +210,7 @@ def run_job_command(name: str, run):
         return EXIT_ERROR
 
 
-def run_job(name: str, run, what: str, done_line) -> int:
+def run_and_report(name: str, run, what: str, done_line) -> int:
     """A job of the run layer (eval, edit) end to end: ``run_job_command``, then rank 0 prints ``done_line(summary)``;
     the exit status of ``job_exit_status``."""
     summary = run_job_command(name, run)

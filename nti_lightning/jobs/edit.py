@@ -30,6 +30,7 @@ from nti_lightning.config import config_to_yaml
 from nti_lightning.data.ids import UnsafeIdError, check_id
 from nti_lightning.engine.runtime import Runtime
 from nti_lightning.jobs.edit_config import EditRunConfig
+from nti_lightning.jobs.paths import absolute, absolute_model
 from nti_lightning.p2p import cli as p2p_cli
 from nti_lightning.p2p.edit import build_controller
 from nti_lightning.p2p.edit_file import Line, read_edit_lines, recorded_inversions, resolve_line
@@ -272,14 +273,9 @@ def absolute_paths(cfg: EditRunConfig) -> EditRunConfig:
     """The run folder, the edits file, the results file and local model paths made absolute (``config.yaml``
     usable from any folder; every rank sees the same paths)."""
 
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().resolve())
-
-    m = cfg.model
-    spec = absolute(m.spec) if m.spec and Path(m.spec).expanduser().exists() else m.spec
     out = replace(cfg.output, dir=absolute(cfg.output.dir), results=absolute(cfg.output.results))
-    model = replace(m, spec=spec, config_dir=absolute(m.config_dir) if m.config_dir else None)
-    return replace(cfg, output=out, data=replace(cfg.data, edits=absolute(cfg.data.edits)), model=model)
+    data = replace(cfg.data, edits=absolute(cfg.data.edits))
+    return replace(cfg, output=out, data=data, model=absolute_model(cfg.model))
 
 
 def run_edits(cfg: EditRunConfig, *, quiet=False, argv=None):

@@ -38,6 +38,7 @@ from nti_lightning.eval.metrics import Backbones, load_nets
 from nti_lightning.eval.pie import load_pie
 from nti_lightning.jobs.eval_pairs import decode_entry, entry_fingerprint, evaluate_pair, write_strip
 from nti_lightning.jobs.invert_items import prefetched
+from nti_lightning.jobs.paths import absolute, absolute_model
 from nti_lightning.run.folder import OutputMismatchError, WorkerId
 from nti_lightning.run.job import JobWorker, run_job, summary_path
 from nti_lightning.run.launch import Placement, launch, make_fabric
@@ -297,19 +298,13 @@ def absolute_paths(cfg: EvalConfig) -> EvalConfig:
     """Data, output, metric networks and a local model path made absolute: ``config.yaml`` is then usable from any
     folder, and every rank sees the same paths whatever its working directory."""
 
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().resolve())
-
-    spec = cfg.model.spec
-    if spec not in ("tiny", "tiny-sd2-v", "tiny-sdxl") and Path(spec).expanduser().exists():
-        spec = absolute(spec)
     metrics = {k: absolute(v) for k, v in asdict(cfg.metrics).items()}
     return replace(
         cfg,
         data=replace(cfg.data, dir=absolute(cfg.data.dir)),
         output=replace(cfg.output, dir=absolute(cfg.output.dir)),
         metrics=replace(cfg.metrics, **metrics),
-        model=replace(cfg.model, spec=spec),
+        model=absolute_model(cfg.model),
     )
 
 

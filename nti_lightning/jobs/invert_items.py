@@ -30,6 +30,7 @@ from nti_lightning.data.items import SAMPLES_DIR, Item, caption_coverage, read_c
 from nti_lightning.data.shards import is_shard_pattern, read_sample
 from nti_lightning.engine.slots import Admission
 from nti_lightning.jobs.invert_outputs import ShardOutputs
+from nti_lightning.jobs.paths import absolute, absolute_model
 from nti_lightning.run.layout import choose_layout
 from nti_lightning.run.share import InputShare, read_progress
 from nti_lightning.store.files import item_relpath
@@ -72,16 +73,12 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Output, inputs, captions and a local model path made absolute: ``config.yaml`` is then usable from any
     folder, and every rank sees the same paths whatever its working directory."""
 
-    def absolute(p: str | None) -> str | None:
-        return None if p is None or is_shard_pattern(p) else str(Path(p).expanduser().resolve())
-
-    images = [absolute(p) or p for p in cfg.data.images] if cfg.data.images else cfg.data.images
+    images = (
+        [p if is_shard_pattern(p) else absolute(p) for p in cfg.data.images] if cfg.data.images else cfg.data.images
+    )
     data = replace(cfg.data, images=images, captions=absolute(cfg.data.captions))
-    spec = cfg.model.spec
-    if spec not in ("tiny", "tiny-sd2-v", "tiny-sdxl") and Path(spec).expanduser().exists():
-        spec = absolute(spec)
     return replace(
-        cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data, model=replace(cfg.model, spec=spec)
+        cfg, output=replace(cfg.output, dir=absolute(cfg.output.dir)), data=data, model=absolute_model(cfg.model)
     )
 
 
