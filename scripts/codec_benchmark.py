@@ -38,8 +38,8 @@ from nti_lightning.data.image import prepare_image  # noqa: E402
 from nti_lightning.engine.sampling import decode_latents, encode_latents  # noqa: E402
 from nti_lightning.metrics import image_metrics  # noqa: E402
 from nti_lightning.models.embedded import ASSETS_DIR  # noqa: E402
-from nti_lightning.store.codec import ZSTD_LEVEL, decode, encode  # noqa: E402
-from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC  # noqa: E402
+from nti_lightning.store.codec import decode, encode  # noqa: E402
+from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, ZSTD_LEVEL  # noqa: E402
 from nti_lightning.store.inversion import inversion_from_bytes, inversion_to_bytes  # noqa: E402
 
 SAMPLES = ASSETS_DIR / "samples"

@@ -25,11 +25,7 @@ import numpy as np
 import torch
 import zstandard
 
-from nti_lightning.store.codec_names import RAW_CODEC, parse_codec
-
-ZSTD_LEVEL = 10
-"""zstd compression level of every codec (decoding does not depend on it), measured by
-``scripts/codec_benchmark.py`` (docs/storage.md): 19 is 6–7 % smaller at 7–12× the encode time, 3 2–4 % larger."""
+from nti_lightning.store.codec_names import RAW_CODEC, ZSTD_LEVEL, parse_codec
 
 _UINT = {"fp32": np.dtype("<u4"), "fp16": np.dtype("<u2"), "bf16": np.dtype("<u2")}
 _INT_OF = {2: np.dtype("<i2"), 4: np.dtype("<i4")}  # by byte width
@@ -82,8 +78,14 @@ def along_t(u: np.ndarray, transform: str | None) -> np.ndarray:
     """(T, …) unsigned → the first row, then each row XOR / zigzag-delta the previous one (wrapping)."""
     if transform is None or len(u) < 2:
         return u
-    rest = u[1:] ^ u[:-1] if transform == "xor" else zigzag(u[1:] - u[:-1])
-    return np.concatenate([u[:1], rest])
+    out = np.empty_like(u)
+    out[0] = u[0]
+    if transform == "xor":
+        np.bitwise_xor(u[1:], u[:-1], out=out[1:])
+    else:
+        np.subtract(u[1:], u[:-1], out=out[1:])
+        out[1:] = zigzag(out[1:])
+    return out
 
 
 def undo_along_t(v: np.ndarray, transform: str | None) -> np.ndarray:
@@ -97,8 +99,8 @@ def undo_along_t(v: np.ndarray, transform: str | None) -> np.ndarray:
 
 
 def shuffle_bytes(u: np.ndarray) -> np.ndarray:
-    """(n,) k-byte integers → (k, n) bytes: byte j of every value together."""
-    return u.reshape(-1).view(np.uint8).reshape(-1, u.itemsize).T
+    """(n,) k-byte integers → (k, n) bytes, C-contiguous: byte j of every value together."""
+    return np.ascontiguousarray(u.reshape(-1).view(np.uint8).reshape(-1, u.itemsize).T)
 
 
 def unshuffle_bytes(b: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -122,8 +124,18 @@ def encode(x: torch.Tensor, codec: str, level: int = ZSTD_LEVEL) -> tuple[bytes,
     if codec == RAW_CODEC:
         return x.numpy().astype("<f4", copy=False).tobytes(), info
     planes = shuffle_bytes(along_t(to_bits(x, dtype), transform))  # (bytes per value, numel)
-    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return compressor.compress(np.ascontiguousarray(planes).tobytes()), {**info, "zstd_level": level}
+    return compressor(level, planes.nbytes).compress(planes), {**info, "zstd_level": level}
+
+
+def compressor(level: int, size: int) -> zstandard.ZstdCompressor:
+    """zstd at ``level`` for ``size`` bytes, with a content checksum; levels 1–2 with the double-fast match
+    finder (level 3's), which on byte-shuffled ∅_t is ~1 % smaller at level 1's speed (docs/storage.md)."""
+    params = {"strategy": zstandard.STRATEGY_DFAST} if 0 < level < 3 else {}
+    return zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters.from_level(
+            level, source_size=size, write_checksum=True, write_content_size=True, **params
+        )
+    )
 
 
 def decode(data: bytes, info: dict[str, Any]) -> torch.Tensor:

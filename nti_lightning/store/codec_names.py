@@ -16,6 +16,10 @@ LOSSLESS_CODEC = "fp32-delta-zstd"
 DEFAULT_CODEC = "bf16-delta-zstd"
 """The codec ``save_inversion`` and ``output.codec`` default to: the smallest at ≤ 0.1 dB loss of NTI
 reconstruction PSNR against the VAE round trip on the three tiny models (docs/storage.md)."""
+ZSTD_LEVEL = 1
+"""zstd compression level of every codec (``output.codec_level``; decoding does not depend on it), measured by
+``scripts/codec_benchmark.py`` (docs/storage.md): level 1 with the double-fast match finder (``codec.compressor``)
+encodes SD1.5's ∅_t in ~4 ms a record on one core; 10 is 2–4 % smaller at ~15× the time, 19 8–10 %."""
 
 
 def parse_codec(codec: str) -> tuple[str, str | None]:
