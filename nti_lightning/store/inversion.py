@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from nti_lightning.store.codec import decode, encode
-from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, parse_codec
+from nti_lightning.store.codec_names import DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, ZSTD_LEVEL, parse_codec
 from nti_lightning.store.files import atomic_write
 from nti_lightning.store.validate import (
     FIX_DAMAGED,
@@ -36,9 +36,14 @@ from nti_lightning.store.validate import (
     check_tensors,
 )
 
-FORMAT_VERSION = 2
-"""Records with ∅_t through a codec; ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
+FORMAT_VERSION = 3
+"""Records with ∅_t through a codec, and a latent equal to z_T stored once (``SAME_AS``); version 2 is the same
+without that (read as it is); ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
 RAW_FORMAT_VERSION = 1
+READ_VERSIONS = (1, 2, 3)
+SAME_AS = {"pivot_zT": "z_T"}
+"""Fields kept once when equal: z̄_T = z*_T (Algorithm 1, line 1), so every method's pivot end is its z_T — a
+latent of 4·64·64 fp32 for SD1.5, ~2 % of a default record. The record's "same" lists what was left out."""
 TENSOR_FIELDS = ("z_T", "null_embeddings", "timesteps", "pivot_z0", "pivot_zT", "inner_steps", "final_loss")
 OPTIONAL_TENSOR_FIELDS = ("trajectory", "corrections")
 NULL_EXTRA_PREFIX = "null_embeddings."
@@ -112,21 +117,19 @@ class Inversion:
         return model.family.at_size(self.meta.get("image_size"))
 
 
-def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC, label: str = "inversion") -> bytes:
-    """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``); a
-    non-finite or misshapen record is refused (``InvalidInversionError`` naming ``label``), never written."""
+def inversion_to_bytes(
+    inv: Inversion, codec: str = DEFAULT_CODEC, label: str = "inversion", level: int = ZSTD_LEVEL
+) -> bytes:
+    """``inv`` as the bytes of its .safetensors file, ∅_t through ``codec`` (``codec_names.CODECS``) at zstd
+    ``level``; a non-finite or misshapen record is refused (``InvalidInversionError`` naming ``label``), never
+    written."""
     check_tensors(inv, label, fix=FIX_NOT_SAVED)
     parse_codec(codec)  # a clear error for a name that is none, whatever the fields hold
-    # 1. own, dense copies: z_T and pivot_zT are one tensor in memory, and batch slices are views
-    tensors = {
-        name: getattr(inv, name).detach().cpu().clone(memory_format=torch.contiguous_format)
-        for name in TENSOR_FIELDS + OPTIONAL_TENSOR_FIELDS
-        if getattr(inv, name) is not None
-    }
-    for key, value in inv.null_extra.items():
-        tensors[NULL_EXTRA_PREFIX + key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    tensors = {name: getattr(inv, name).detach().cpu() for name in TENSOR_FIELDS + OPTIONAL_TENSOR_FIELDS
+               if getattr(inv, name) is not None}  # fmt: skip
+    tensors.update({NULL_EXTRA_PREFIX + k: v.detach().cpu() for k, v in inv.null_extra.items()})
     record: dict[str, Any] = {"format_version": RAW_FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
-    # 2. as encoded bytes (format 2): ∅_t's fields through the codec, the optional fields through the exact
+    # 1. as encoded bytes (format 2): ∅_t's fields through the codec, the optional fields through the exact
     #    one; codec "fp32" keeps the format-1 layout
     if codec != RAW_CODEC:
         nulls = ["null_embeddings"] + [NULL_EXTRA_PREFIX + k for k in inv.null_extra if k not in EXACT_NULL_KEYS]
@@ -134,9 +137,15 @@ def inversion_to_bytes(inv: Inversion, codec: str = DEFAULT_CODEC, label: str = 
         codecs.update({name: LOSSLESS_CODEC for name in OPTIONAL_TENSOR_FIELDS if name in tensors})
         infos = {}
         for name, field in codecs.items():
-            data, infos[name] = encode(tensors[name], field)
+            data, infos[name] = encode(tensors[name], field, level)
             tensors[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (n_bytes,)
-        record.update(format_version=FORMAT_VERSION, codecs=infos)
+        same = {k: v for k, v in SAME_AS.items() if torch.equal(tensors[k], tensors[v])}
+        for k in same:
+            del tensors[k]
+        record.update(format_version=FORMAT_VERSION, codecs=infos, same=same)
+    # 2. own, dense copies of the rest: z_T and pivot_zT are one tensor in memory, and batch slices are views
+    encoded = record.get("codecs", {})
+    tensors = {k: v if k in encoded else v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     return save(tensors, metadata={"nti_lightning": json.dumps(record)})
 
 
@@ -153,10 +162,10 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
     record = _header_record(data, label)
     if not isinstance(record, dict):
         check_file(record, {}, TENSOR_FIELDS, label)  # says what the header is instead of an object
-    if record.get("format_version") not in (RAW_FORMAT_VERSION, FORMAT_VERSION):
+    if record.get("format_version") not in READ_VERSIONS:
         raise ValueError(
             f"{label}: format version {record.get('format_version')} is not one this version reads "
-            f"({RAW_FORMAT_VERSION}, {FORMAT_VERSION}); upgrade nti_lightning"
+            f"({', '.join(map(str, READ_VERSIONS))}); upgrade nti_lightning"
         )
     try:
         tensors = load(data)
@@ -176,7 +185,13 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
                 f"{label}: field {name!r} ({info.get('codec') if isinstance(info, dict) else info}) is corrupt: {e}; "
                 f"{FIX_DAMAGED}"
             ) from e
-    # 3. the record, its fields checked (store/validate.py)
+    # 3. the fields kept once (format 3), then the record, its fields checked (store/validate.py)
+    same = record.get("same", {})
+    if not isinstance(same, dict) or any(SAME_AS.get(k) != v or v not in tensors for k, v in same.items()):
+        raise InvalidInversionError(
+            f'{label}: its record\'s "same" ({same!r}) is not one this version reads; {FIX_DAMAGED}'
+        )
+    tensors.update({k: tensors[v] for k, v in same.items()})
     check_file(record, tensors, TENSOR_FIELDS, label)
     optional = {k: tensors[k] for k in OPTIONAL_TENSOR_FIELDS if k in tensors}
     extra = {k[len(NULL_EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(NULL_EXTRA_PREFIX)}
@@ -208,15 +223,19 @@ def _header_record(data: bytes, label: str) -> dict[str, Any]:
 
 
 def save_inversion(
-    path: str | os.PathLike, inv: Inversion, codec: str = DEFAULT_CODEC, tmp_dir: Path | None = None
+    path: str | os.PathLike,
+    inv: Inversion,
+    codec: str = DEFAULT_CODEC,
+    tmp_dir: Path | None = None,
+    level: int = ZSTD_LEVEL,
 ) -> Path:
     """Writes ``inv`` to ``path`` (.safetensors added if missing), atomically (``store.files.atomic_write``;
     ``tmp_dir``: a run worker's temporary folder), ∅_t through ``codec`` (default: ``DEFAULT_CODEC``,
-    docs/storage.md; "fp32" the format-1 file, ``LOSSLESS_CODEC`` exact)."""
+    docs/storage.md; "fp32" the format-1 file, ``LOSSLESS_CODEC`` exact) at zstd ``level``."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-    return atomic_write(path, inversion_to_bytes(inv, codec, label=str(path)), tmp_dir)
+    return atomic_write(path, inversion_to_bytes(inv, codec, label=str(path), level=level), tmp_dir)
 
 
 def load_inversion(path: str | os.PathLike, model=None) -> Inversion:

@@ -1,9 +1,10 @@
-"""The inversion record with ∅_t through a codec (format 2), files from before codecs (format 1), the in-memory
-form, and damaged files; on the trained tiny models."""
+"""The inversion record with ∅_t through a codec and z_T once (format 3; format 2 without the latter), files from
+before codecs (format 1), the in-memory form, and damaged files; on the trained tiny models."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from nti_lightning.config import ConfigError, OutputConfig, load_config
 from nti_lightning.engine.sampling import decode_latents
 from nti_lightning.metrics import image_metrics
 from nti_lightning.models.embedded import ASSETS_DIR
-from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, is_lossless
-from nti_lightning.store.inversion import TENSOR_FIELDS, inversion_from_bytes, inversion_to_bytes
+from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC, LOSSLESS_CODEC, RAW_CODEC, ZSTD_LEVEL, is_lossless
+from nti_lightning.store.inversion import FORMAT_VERSION, TENSOR_FIELDS, inversion_from_bytes, inversion_to_bytes
 
 CAT = str(ASSETS_DIR / "samples" / "cat.png")
 PROMPT = "a photo of a cat"
@@ -56,15 +57,40 @@ def test_a_format1_file_from_before_codecs_loads_and_codec_fp32_writes_it_again(
     assert torch.equal(reconstruction_latents(tiny_model, [exact]), reconstruction_latents(tiny_model, [inv]))
 
 
-def test_format2_holds_the_nulls_encoded_and_everything_else_as_it_was(cat, tmp_path):
+def test_format3_holds_the_nulls_encoded_z_T_once_and_everything_else_as_it_was(cat, tmp_path):
     path = save_inversion(tmp_path / "cat", cat)  # the default codec
     record, tensors = record_of(path), load(path.read_bytes())
-    assert record["format_version"] == 2 and record["prompt"] == PROMPT and record["meta"] == cat.meta
-    assert record["codecs"] == {"null_embeddings": {"codec": DEFAULT_CODEC, "shape": [10, 77, 32], "zstd_level": 10}}
+    assert record["format_version"] == FORMAT_VERSION == 3 and record["prompt"] == PROMPT and record["meta"] == cat.meta
+    assert record["same"] == {"pivot_zT": "z_T"} and "pivot_zT" not in tensors  # z̄_T = z*_T: stored once
+    tensors["pivot_zT"] = tensors["z_T"]
+    assert record["codecs"] == {
+        "null_embeddings": {"codec": DEFAULT_CODEC, "shape": [10, 77, 32], "zstd_level": ZSTD_LEVEL}
+    }
     assert tensors["null_embeddings"].dtype == torch.uint8 and tensors["null_embeddings"].dim() == 1
     for name in TENSOR_FIELDS[2:] + ("z_T",):  # z_T, the pivots, timesteps, inner steps, final loss: exact
         assert torch.equal(tensors[name], getattr(cat, name)) and tensors[name].dtype == getattr(cat, name).dtype
     assert path.read_bytes() == inversion_to_bytes(cat) and not list(tmp_path.glob("*.tmp"))
+    back = load_inversion(path)
+    assert torch.equal(back.pivot_zT, cat.pivot_zT) and torch.equal(back.z_T, cat.z_T)
+
+
+def test_a_pivot_end_other_than_z_T_is_kept_and_format2_files_still_read(cat, tmp_path):
+    moved = replace(cat, pivot_zT=cat.pivot_zT + 1.0)
+    data = inversion_to_bytes(moved)
+    record = json.loads(_metadata(data))
+    assert record["same"] == {}
+    assert torch.equal(inversion_from_bytes(data).pivot_zT, moved.pivot_zT)
+    # a format-2 file (before "same"): every latent stored, no "same" key
+    tensors = load(inversion_to_bytes(cat))
+    tensors["pivot_zT"] = cat.pivot_zT.clone()
+    old = {k: v for k, v in json.loads(_metadata(inversion_to_bytes(cat))).items() if k != "same"}
+    save_file(
+        tensors, str(tmp_path / "v2.safetensors"), metadata={"nti_lightning": json.dumps({**old, "format_version": 2})}
+    )
+    back = load_inversion(tmp_path / "v2.safetensors")
+    assert torch.equal(back.pivot_zT, cat.pivot_zT) and torch.equal(
+        back.null_embeddings, inversion_from_bytes(inversion_to_bytes(cat)).null_embeddings
+    )
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -153,8 +179,8 @@ def test_a_damaged_file_is_a_one_line_error_naming_it(cat, tmp_path):
             load_inversion(path)
         assert "\n" not in str(e.value)
     later = json.loads(_metadata(full))
-    save_file(tensors, str(path), metadata={"nti_lightning": json.dumps({**later, "format_version": 3})})
-    with pytest.raises(ValueError, match="format version 3.*upgrade"):
+    save_file(tensors, str(path), metadata={"nti_lightning": json.dumps({**later, "format_version": 4})})
+    with pytest.raises(ValueError, match="format version 4.*upgrade"):
         load_inversion(path)
 
 
