@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from nti_lightning.methods import METHODS
-from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC
+from nti_lightning.store.codec_names import CODECS, DEFAULT_CODEC, ZSTD_LEVEL
 
 # ---------------------------------------------------------------------------------------------------------
 # Sections
@@ -266,6 +266,9 @@ class OutputConfig:
     integer delta along t, zstd; files 4.5–5.9× smaller than fp32 at ≤ 0.03 dB of NTI reconstruction PSNR on
     the tiny models), "fp32-delta-zstd" exact and ~1.5× smaller, "fp32" the raw format-1 file; also the other
     "{fp32,fp16,bf16}[-xor|-delta]-zstd". Everything else in the record stays exact."""
+    codec_level: int = ZSTD_LEVEL
+    """The codecs' zstd level, 1–22 (reading does not depend on it): 1, the default, encodes SD1.5's ∅_t in ~4 ms
+    a record on one core; 10 is 2–4 % smaller at ~15× the time, 19 8–10 % at ~150× (docs/storage.md)."""
     layout: str = "auto"
     """Where the records go (docs/scaleout.md). "folders": one folder per image under ``images/`` with
     inversion.safetensors, meta.json, reconstruction.png and strip.png. "shards": per worker, rolling WebDataset
@@ -274,9 +277,14 @@ class OutputConfig:
     ``flag_psnr_drop``) under ``samples/``; read back with ``nti_lightning.open_run``. "auto": the layout the
     folder already has, else "shards" above ``run.layout.AUTO_SHARDS_ABOVE`` (10,000) images, else "folders"."""
     shard_max_bytes: int = 1 << 30
-    """``shards`` layout: a shard is finished before a group of records would take it past this size."""
+    """``shards`` layout: a shard is finished before a group of records would take it past this size, once it
+    holds ``shard_min_images``."""
     shard_max_images: int = 10_000
     """``shards`` layout: … or past this many records."""
+    shard_min_images: int = 256
+    """``shards`` layout: no shard is finished for its size before it holds this many records, so that a run
+    writes fewer than 0.01 files per image whatever a record weighs (2 files a shard: 1 GiB holds ~500 of
+    SD1.5's default records, only 89 of its fp32 ones; SDXL's fp32 shards grow to ~8 GB)."""
     sample_images: int = 64
     """``shards`` layout: the first this many images of each worker get reconstruction.png and strip.png in
     ``samples/<worker>/`` (the ``folders`` layout writes them for every image)."""
@@ -297,11 +305,18 @@ class OutputConfig:
             raise ValueError(f"output.prefetch must be >= 0, got {self.prefetch}")
         if self.codec not in CODECS:
             raise ValueError(f"output.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if not 1 <= self.codec_level <= 22:
+            raise ValueError(f"output.codec_level must be a zstd level from 1 to 22, got {self.codec_level}")
         if self.layout not in ("auto", "folders", "shards"):
             raise ValueError(f"output.layout must be auto, folders or shards, got {self.layout!r}")
-        for name in ("shard_max_bytes", "shard_max_images"):
+        for name in ("shard_max_bytes", "shard_max_images", "shard_min_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"output.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_min_images > self.shard_max_images:
+            raise ValueError(
+                f"output.shard_min_images ({self.shard_min_images}) must be <= output.shard_max_images "
+                f"({self.shard_max_images})"
+            )
         for name in ("sample_images", "flag_psnr_drop", "flagged_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"output.{name} must be >= 0, got {getattr(self, name)}")

@@ -3,7 +3,8 @@
 A shard is written as ``<name>.tar.part``, append-only: each group of finished images is one write of its
 records (``tar_records``) and one fsync, then the fault point ``shard.appended``; the caller then commits the
 group's records in the run's index, whose entries keep (shard number, byte offset) of each record. Before a
-group would take the shard past ``max_bytes`` or ``max_images``, the shard is finished: two zero blocks end the
+group would take the shard past ``max_images``, or past ``max_bytes`` once it holds ``min_images`` (so that the
+files per record stay few whatever a record weighs), the shard is finished: two zero blocks end the
 archive, its id → offset index is written beside it (``<name>.index.json``, atomically), and the ``.part`` is
 renamed to ``.tar`` (``shard.finished``). A finished shard therefore holds only committed records.
 
@@ -32,7 +33,7 @@ from nti_lightning.store.tar_records import (
     index_file,
     member_key,
     read_member,
-    record_bytes,
+    record_parts,
     scan,
     shard_file,
 )
@@ -53,12 +54,13 @@ class ShardWriter:
         committed: Iterable[tuple[int, int]] = (),
         max_bytes: int = 1 << 30,
         max_images: int = 10_000,
+        min_images: int = 1,
         tmp_dir: Path | None = None,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.dir = Path(out_dir) / SHARDS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.worker, self.max_bytes, self.max_images = worker, max_bytes, max_images
+        self.worker, self.max_bytes, self.max_images, self.min_images = worker, max_bytes, max_images, min_images
         self.tmp_dir, self.log = tmp_dir, log
         self._file = None
         self._reset(0)
@@ -129,16 +131,18 @@ class ShardWriter:
         """Whether the current shard, holding records, must be finished before ``images`` more of ``nbytes``."""
         if not self.ids:
             return False
-        return len(self.ids) + images > self.max_images or self.size + nbytes > self.max_bytes
+        if len(self.ids) + images > self.max_images:
+            return True
+        return len(self.ids) >= self.min_images and self.size + nbytes > self.max_bytes
 
     def append(self, records: list[tuple[str, list[tuple[str, bytes]]]]) -> list[tuple[int, int]]:
         """Appends (id, [(extension, data), …]) records as one durable write; returns (shard, offset) of each, for
         the run's index. The caller commits them before the next ``append`` (a finished shard holds only
         committed records)."""
         now = time.time()
-        blobs = [record_bytes(member_key(item_id), members, now) for item_id, members in records]
-        total = sum(len(b) for b in blobs)
-        if self._full(len(blobs), total):
+        parts = [record_parts(member_key(item_id), members, now) for item_id, members in records]
+        sizes = [sum(len(p) for p in ps) for ps in parts]
+        if self._full(len(parts), sum(sizes)):
             self.finish()
         if self._file is None:
             created = not self.part.exists()
@@ -146,13 +150,14 @@ class ShardWriter:
             if created:
                 _fsync_dir(self.dir)
         where = []
-        for (item_id, _), blob in zip(records, blobs):
+        for (item_id, _), size in zip(records, sizes):
             where.append((self.n, self.size))
             self.ids.append(item_id)
             self.offsets.append(self.size)
-            self.size += len(blob)
+            self.size += size
             self.ends.append(self.size)
-        self._file.write(b"".join(blobs))
+        for ps in parts:
+            self._file.writelines(ps)
         self._file.flush()
         os.fsync(self._file.fileno())
         faults.point("shard.appended")

@@ -76,15 +76,17 @@ def _pad(n: int) -> int:
     return -n % _BLOCK
 
 
-def record_bytes(key: str, members: list[tuple[str, bytes]], mtime: float) -> bytes:
-    """One record as tar bytes: for each (extension, data) a pax header named ``<key>.<extension>``, the data,
-    padding to 512 bytes. No end-of-archive blocks (``finish_bytes`` adds them when the shard is finished)."""
+def record_parts(key: str, members: list[tuple[str, bytes]], mtime: float) -> list[bytes]:
+    """One record as tar pieces, in order: for each (extension, data) a pax header named ``<key>.<extension>``,
+    the data, padding to 512 bytes. No end-of-archive blocks (``finish_bytes`` adds them when the shard is
+    finished). Pieces, not one ``bytes``: the writer hands them to the file as they are (an SD1.5 record is
+    ~2 MB: a join would copy it once more)."""
     out = []
     for ext, data in members:
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
         out += [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), data, b"\0" * _pad(len(data))]
-    return b"".join(out)
+    return out
 
 
 def finish_bytes() -> bytes:

@@ -14,6 +14,7 @@ from nti_lightning.store.shard_writer import ShardWriter
 from nti_lightning.store.tar_records import (
     MAX_KEY_BYTES,
     finish_bytes,
+    index_file,
     member_key,
     read_member,
     read_span,
@@ -74,6 +75,18 @@ def test_shards_roll_by_size(tmp_path):
     tars = sorted((tmp_path / "shards").glob("*.tar"))
     assert [p.name for p in tars] == [f"shard1.rank0-{n:06d}.tar" for n in range(6)]
     assert all(p.stat().st_size <= 4000 + len(finish_bytes()) for p in tars)
+
+
+def test_no_shard_rolls_for_its_size_before_min_images(tmp_path):
+    """Heavy records (SD1.5 or SDXL in fp32) still fill a shard with min_images of them: few files per image."""
+    w = ShardWriter(tmp_path, "rank0", max_bytes=4000, min_images=3)
+    for i in range(7):
+        w.append([_record(i)])
+    w.finish()
+    tars = sorted((tmp_path / "shards").glob("*.tar"))
+    counts = [json.loads((tmp_path / "shards" / index_file(p.name)).read_text())["records"] for p in tars]
+    assert counts == [3, 3, 1]
+    assert tars[0].stat().st_size > 4000  # past max_bytes: the minimum comes first
 
 
 @pytest.mark.parametrize("tail", ["uncommitted", "torn", "finished"])
