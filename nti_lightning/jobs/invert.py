@@ -51,6 +51,7 @@ from nti_lightning.jobs.invert_outputs import (
     write_folders,
 )
 from nti_lightning.run import checkpoint as ckpt
+from nti_lightning.run.commits import CommitStage
 from nti_lightning.run.folder import RunFolder, WorkerId
 from nti_lightning.run.job import summary_path
 from nti_lightning.run.launch import Placement, make_fabric
@@ -78,6 +79,7 @@ class InvertWorker(WorkerItems):
         self.inflight: dict[str, tuple[Item, torch.Tensor, str]] = {}  # id → item, pixels, pixel hash
         self.sources: dict[str, int] = {}  # id → its input shard's source hash, until it is recorded
         self.to_write: list[Done] = []
+        self.commits = CommitStage()  # writes and commits finished images while the engine runs on
         self.shard_out: ShardOutputs | None = None  # the shards layout's writer
         self.resumed: set[str] = set()  # restored in flight from the checkpoint: not in the stream again
         self.ghost_after = float("inf")  # records newer than the checkpoint resumed from are re-run, not re-written
@@ -204,7 +206,7 @@ class InvertWorker(WorkerItems):
         self.note(f"resuming {len(self.resumed)} in-flight image(s) from {self.folder.checkpoint}")
 
     def save_checkpoint(self) -> None:
-        self.flush()
+        self.flush(wait=True)  # everything finished before the checkpoint is committed first
         items = {  # a shard sample's bytes are not kept: it is read again from its shard
             i: {"item": asdict(replace(it, data=None)), "sha256": sha, "source": self.sources.get(i, 0)}
             for i, (it, _, sha) in self.inflight.items()
@@ -228,12 +230,17 @@ class InvertWorker(WorkerItems):
         rec.update(fields, finished_at=time.time())
         return rec
 
-    def record(self, item: Item, status: str, **fields) -> dict:
+    def record(self, item: Item, status: str, **fields) -> None:
+        """A failure, from the loop: committed in its turn on the commit stage."""
         rec = self.make_record(item, status, **fields)
-        seconds, source = float(fields.get("seconds", 0.0)), self.sources.pop(item.id, 0)
-        self.records.append(rec, OK if status == "ok" else FAILED, prompt=item.prompt, source=source, seconds=seconds)
-        self.recorded(rec)
-        return rec
+        row = Row(rec, FAILED, item.prompt, self.sources.pop(item.id, 0), seconds=float(fields.get("seconds", 0.0)))
+        self.commits.submit(self.commit_rows, [row])
+
+    def commit_rows(self, rows: list[Row]) -> None:
+        """(commit thread) The rows' manifest lines and index entries, then their log lines and counts."""
+        self.records.append_many(rows)
+        for row in rows:
+            self.recorded(row.record)
 
     def recorded(self, rec: dict) -> None:
         self.summary.add(rec)
@@ -243,22 +250,30 @@ class InvertWorker(WorkerItems):
             n = self.summary.n_done + self.summary.n_failed
             self.bar.set_postfix(img_per_h=f"{3600 * n / max(time.perf_counter() - self.t_start, 1e-9):.0f}")
 
-    def flush(self) -> None:
-        """Writes the finished images waiting in ``to_write`` (before every checkpoint: a kill then loses none)."""
-        if not self.to_write:
-            return
-        group, self.to_write = self.to_write, []
-        measured = self.measure(self.model, self.cfg, group, self.runtime)
+    def flush(self, wait: bool = False) -> None:
+        """Measures the finished images waiting in ``to_write`` (the VAE decode: in the loop) and hands them to the
+        commit stage; ``wait``: until everything handed over is committed (before a checkpoint and at the end)."""
+        if self.to_write:
+            group, self.to_write = self.to_write, []
+            self.commits.submit(self.write_group, group, self.measure(self.model, self.cfg, group, self.runtime))
+        if wait:
+            self.commits.drain()
+
+    def write_group(self, group: list[Done], measured: list) -> None:
+        """(commit thread) A group's records written — durable — then committed."""
         if self.shard_out is None:
-            write_folders(self.cfg, self.out, group, measured, self.record, self.folder.tmp)
+            write_folders(self.cfg, self.out, group, measured, self.commit_done, self.folder.tmp)
             return
         rows = []
-        for d, fields, (shard, offset) in self.shard_out.write(group, measured):  # durable, then committed at once
+        for d, fields, (shard, offset) in self.shard_out.write(group, measured):
             rec = self.make_record(d.item, "ok", **fields)
             rows.append(Row(rec, OK, d.item.prompt, d.source, shard, offset, float(fields["seconds"])))
-        self.records.append_many(rows)
-        for row in rows:
-            self.recorded(row.record)
+        self.commit_rows(rows)
+
+    def commit_done(self, d: Done, **fields) -> None:
+        """(commit thread) The folders layout: one image's files are written; its record now."""
+        rec = self.make_record(d.item, "ok", **fields)
+        self.commit_rows([Row(rec, OK, d.item.prompt, d.source, seconds=float(fields["seconds"]))])
 
     def on_event(self, event) -> None:
         if isinstance(event, Tick):
@@ -299,14 +314,14 @@ class InvertWorker(WorkerItems):
         for event in self.engine.run(self.admissions()):
             self.on_event(event)
         self.warn_coverage()
-        self.flush()
+        self.flush(wait=True)
         if self.shard_out is not None:
             self.shard_out.finish()  # the last shard renamed to .tar with its index
         self.folder.checkpoint.unlink(missing_ok=True)  # only now: everything it held is written
 
     def close(self) -> None:
         """Every clean-up step runs, and none hides the error that stopped the run (each failure is one line)."""
-        steps = [lambda: close_bar(self.log, self.bar)]
+        steps = [self.commits.close, lambda: close_bar(self.log, self.bar)]  # what was handed over is committed
         if self.metrics_logger is not None:
             steps.append(lambda: self.metrics_logger.finalize("preempted" if self.summary.preempted else "success"))
         if getattr(self, "captions", None) is not None:

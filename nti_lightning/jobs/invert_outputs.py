@@ -116,11 +116,6 @@ def measure_group(model, cfg, group: list[Done], runtime) -> list[Measured]:
     return out
 
 
-def write_group(model, cfg, out_dir: Path, group: list[Done], runtime, record, tmp_dir: Path | None = None) -> None:
-    """Decodes, measures and writes ``group`` in the folders layout (``write_folders``)."""
-    write_folders(cfg, out_dir, group, measure_group(model, cfg, group, runtime), record, tmp_dir)
-
-
 def write_pictures(folder: Path, stem: str, m: Measured, save_strip: bool, tmp_dir: Path | None) -> dict[str, Path]:
     """``<stem>reconstruction.png`` (and ``<stem>strip.png``) in ``folder``; returns {kind: path}."""
     pictures = [tensor_to_image(x) for _, x in m.columns]
@@ -132,7 +127,7 @@ def write_pictures(folder: Path, stem: str, m: Measured, save_strip: bool, tmp_d
 
 
 def write_folders(cfg, out_dir: Path, group: list[Done], measured: list[Measured], record, tmp_dir=None) -> None:
-    """The folders layout: per image its folder's files, then ``record(item, "ok", **fields)`` last."""
+    """The folders layout: per image its folder's files, then ``record(done, **fields)`` last."""
     method = cfg.inversion.method
     for d, m in zip(group, measured):
         it, inv = d.item, d.inversion
@@ -145,7 +140,7 @@ def write_folders(cfg, out_dir: Path, group: list[Done], measured: list[Measured
         meta = {"id": it.id, "source": it.path, "prompt": it.prompt, "metrics": m.metrics, **inv.meta}
         atomic_write(folder / "meta.json", dumps(meta, indent=2).encode(), tmp_dir)
         paths["meta"] = f"{rel}/meta.json"
-        record(it, "ok", method=method, metrics=m.metrics, paths=paths, seconds=round(d.seconds, 3))
+        record(d, method=method, metrics=m.metrics, paths=paths, seconds=round(d.seconds, 3))
 
 
 class PngPolicy:
@@ -190,7 +185,9 @@ class ShardOutputs:
     def __init__(self, cfg, out_dir: Path, worker: str, committed, tmp_dir: Path | None, log) -> None:
         o = cfg.output
         self.cfg, self.out, self.worker, self.tmp = cfg, Path(out_dir), worker, tmp_dir
-        self.writer = ShardWriter(out_dir, worker, committed, o.shard_max_bytes, o.shard_max_images, tmp_dir, log)
+        self.writer = ShardWriter(
+            out_dir, worker, committed, o.shard_max_bytes, o.shard_max_images, o.shard_min_images, tmp_dir, log
+        )
         self.samples = self.out / "samples" / worker
         have = {k: len(list((self.samples / k).glob("*.reconstruction.png"))) for k in ("first", "flagged")}
         self.policy = PngPolicy(o.sample_images, o.flag_psnr_drop, o.flagged_images, have["first"], have["flagged"])
@@ -203,7 +200,8 @@ class ShardOutputs:
         method, records, fields = self.cfg.inversion.method, [], []
         for d in group:
             d.inversion.meta.update(image={"id": d.item.id, "source": d.item.path})
-        encode = lambda d: inversion_to_bytes(d.inversion, self.cfg.output.codec, label=d.item.label)  # noqa: E731
+        codec = _codec(self.cfg)
+        encode = lambda d: inversion_to_bytes(d.inversion, label=d.item.label, **codec)  # noqa: E731
         blobs = list(self.pool.map(encode, group)) if len(group) > 1 else [encode(d) for d in group]
         for d, m, data in zip(group, measured, blobs):
             it, inv = d.item, d.inversion
@@ -231,9 +229,9 @@ class ShardOutputs:
 
 
 def _codec(cfg) -> dict:
-    """``save_inversion``'s storage codec argument, where the configuration has one."""
-    codec = getattr(cfg.output, "codec", None)
-    return {"codec": codec} if codec is not None else {}
+    """``save_inversion``'s storage codec and zstd level arguments, where the configuration has them."""
+    given = {"codec": getattr(cfg.output, "codec", None), "level": getattr(cfg.output, "codec_level", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def make_metrics_logger(kind: str, root: Path, shard: int, flush_every: int, log):

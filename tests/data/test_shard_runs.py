@@ -11,6 +11,7 @@ from shard_files import hf_rows, img2dataset_shard, write_parquet, write_tar
 from nti_lightning.cli import EXIT_PREEMPTED, EXIT_SOME_FAILED, main
 from nti_lightning.jobs.invert import InvertWorker as Worker
 from nti_lightning.run import read_manifest
+from nti_lightning.store.records import RunIndex
 
 FAST = ["inversion.num_ddim_steps=3", "inversion.num_inner_steps=2", "inversion.image_size=64",
         "inversion.batch_size=2", "output.compute_baseline=false", "output.save_strip=false",
@@ -62,6 +63,12 @@ def test_invert_tar_shards_and_parquet_then_rerun_skips_them(shards, model_dir, 
     _check_failures(out, d, pq_path)
     assert sorted(read_nulls(out)) == sorted(k for k, s in expected.items() if s == "ok")
     assert (out / "images" / "00000%2F000000000").is_dir()  # <shard>/<key>, one component under images/
+    index = RunIndex.load(out)  # every record, ok or failed, carries its input shard (status, resume count on it)
+    sources = {}
+    for item_id in expected:
+        sources.setdefault(item_id.split("/")[0], set()).add(int(index.get(item_id)["source"]))
+    assert all(0 not in s for s in sources.values()), sources  # (a Parquet file's unit is its row group)
+    assert all(len(sources[tar]) == 1 for tar in ("00000", "00001", "00002")), sources
     assert main(args) == EXIT_SOME_FAILED  # the failed ones again counted, nothing redone
     assert len((out / "manifest.jsonl").read_text().splitlines()) == len(expected)
 
