@@ -3,11 +3,13 @@
 ``StandInEngine`` has ``SlotEngine``'s interface (``run(admissions)`` yielding ``Finished`` and ``Tick`` events,
 ``rows``, ``num_slots``, ``tags``, ``state_dict``/``load_state_dict``, ``discard``) and costs no UNet time: an
 admitted image is finished after ``ticks`` calls, and each call serves the ``rows`` oldest images, as the
-engine does. Its records have the shapes of a real model's (``Shape``: SD1.5's ∅_t (50, 77, 768) and z (4, 64,
-64), or a slim shape with the same T and L for runs whose bytes must fit a small disk), with the structure the
-codec sees in real ones: ∅_t a random walk along t from a fixed ∅_T (Algorithm 1 starts ∅_{t−1} from ∅_t and
-moves it by a few Adam steps of lr 1e-2). The walks come from a pool made once, so making a record costs
-nothing. Its state (what a checkpoint holds) has the in-flight images' ∅_t, as the slot bank's does.
+engine does; with ``call_s`` each call also waits that long in ``time.sleep``, which releases the GIL as a wait
+on a GPU does (the data plane's threads run meanwhile). Its records have the shapes of a real model's
+(``Shape``: SD1.5's ∅_t (50, 77, 768) and z (4, 64, 64), or a slim shape with the same T and L for runs whose bytes
+must fit a small disk), with the structure the codec sees in real ones: ∅_t a random walk along t from a fixed ∅_T
+(Algorithm 1 starts ∅_{t−1} from ∅_t and moves it by a few Adam steps of lr 1e-2). The walks come from a pool made
+once, so making a record costs nothing. Its state (what a checkpoint holds) has the in-flight images' ∅_t, as
+the slot bank's does.
 
 ``standin_measure`` replaces ``invert_outputs.measure_group`` (no VAE, no metrics work): metrics shaped like
 the real ones with a PSNR drawn per image (a few outliers, which the shards layout gives PNGs), and the input
@@ -17,6 +19,7 @@ as the strip's pictures.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,8 @@ class Shape:
 
 
 SHAPES = {"sd15": Shape(), "slim": Shape(D=8, latent=(4, 16, 16))}
+ENGINE_SECONDS = [0.0]
+"""Seconds the stand-in engines of this process spent in their GPU-like waits (``call_s``)."""
 
 
 class Pool:
@@ -48,7 +53,7 @@ class Pool:
         steps = torch.randn(size, shape.T, shape.L, shape.D, generator=g) * 0.01
         steps[:, 0] = 0
         self.nulls = (base + steps.cumsum(1)).contiguous()  # (size, T, L, D)
-        self.latents = torch.randn(size, 3, *shape.latent, generator=g)
+        self.latents = torch.randn(size, 2, *shape.latent, generator=g)  # z_T = z*_T (Algorithm 1), z*_0
         self.shape, self.size = shape, size
         self.timesteps = torch.arange(shape.T - 1, -1, -1, dtype=torch.long) * (1000 // shape.T) + 1
 
@@ -57,7 +62,7 @@ class Pool:
         z = self.latents[k]
         return Inversion(
             z_T=z[0], null_embeddings=self.nulls[k], timesteps=self.timesteps, prompt=prompt, pivot_z0=z[1],
-            pivot_zT=z[2], inner_steps=torch.full((self.shape.T,), 4, dtype=torch.long),
+            pivot_zT=z[0], inner_steps=torch.full((self.shape.T,), 4, dtype=torch.long),
             final_loss=torch.full((self.shape.T,), 1e-5), meta=dict(meta), z_0=z[1],
         )  # fmt: skip
 
@@ -69,8 +74,11 @@ def _seed(tag: str) -> int:
 class StandInEngine:
     """``SlotEngine``'s interface without a UNet (module docstring)."""
 
-    def __init__(self, model, cfg, rows, runtime=None, slots=None, pad=False, image_size=None, *, pool, ticks=32):
+    def __init__(
+        self, model, cfg, rows, runtime=None, slots=None, pad=False, image_size=None, *, pool, ticks=32, call_s=0.0
+    ):
         self.rows, self.num_slots, self.pool, self.ticks = rows, slots or 2 * rows - 1, pool, ticks
+        self.call_s = call_s  # each call waits this long without the GIL, as a wait on a GPU does
         self.slots: list[list | None] = [None] * self.num_slots  # [tag, prompt, calls so far, since]
         self.tick = 0
         self.meta = {
@@ -95,6 +103,10 @@ class StandInEngine:
                 return
             rows = active[: self.rows]
             self.tick += 1
+            if self.call_s:
+                t0 = time.perf_counter()
+                time.sleep(self.call_s)
+                ENGINE_SECONDS[0] += time.perf_counter() - t0
             for s in rows:
                 st = self.slots[s]
                 st[2] += 1
