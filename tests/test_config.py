@@ -83,6 +83,16 @@ def test_wrong_type_and_bad_value():
         load_config(None, ["inversion.num_inner_steps"])
 
 
+def test_shard_and_codec_level_settings_are_checked():
+    for bad, name in (("output.codec_level=0", "codec_level"), ("output.codec_level=23", "codec_level"),
+                      ("output.shard_min_images=0", "shard_min_images"),
+                      ("output.shard_min_images=20000", "shard_min_images")):  # fmt: skip
+        with pytest.raises(ConfigError, match=name):
+            load_config(None, [bad])
+    o = load_config(None, ["output.codec_level=19", "output.shard_min_images=10"]).output
+    assert (o.codec_level, o.shard_min_images) == (19, 10)
+
+
 def test_api_overrides():
     c = apply_overrides(InversionConfig(), num_inner_steps=2, batch_size=4)
     assert c.num_inner_steps == 2 and c.batch_size == 4 and c.num_ddim_steps == 50

@@ -6,10 +6,11 @@ identity, scheduler, hyperparameters, method). Written atomically (temp file + r
 ``meta["sampling"]`` what reconstruction and editing apply besides guidance (``step_guidance.py``), and the
 optional tensors what that needs (the pivot for proxnpi, the per-step corrections for direct).
 
-∅_t goes through a storage codec (``codec.py``, docs/storage.md): format 2 holds each of its fields as a
-uint8 tensor of encoded bytes, with the codec's info in the record's "codecs", and the optional trajectory
-and corrections the same way through the exact codec; codec "fp32" writes format 1, every tensor as it is
-(the files from before codecs). Both are read. Everything but ∅_t stays exact.
+∅_t goes through a storage codec (``codec.py``, docs/storage.md): format 3 holds each of its fields as a
+uint8 tensor of encoded bytes, with the codec's info in the record's "codecs", the optional trajectory and
+corrections the same way through the exact codec, and pivot_zT once, as z_T (``SAME_AS``); codec "fp32" writes
+format 1, every tensor as it is (the files from before codecs). Formats 1–3 are read. Everything but ∅_t stays
+exact.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def inversion_to_bytes(
                if getattr(inv, name) is not None}  # fmt: skip
     tensors.update({NULL_EXTRA_PREFIX + k: v.detach().cpu() for k, v in inv.null_extra.items()})
     record: dict[str, Any] = {"format_version": RAW_FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
-    # 1. as encoded bytes (format 2): ∅_t's fields through the codec, the optional fields through the exact
+    # 1. as encoded bytes (format 3): ∅_t's fields through the codec, the optional fields through the exact
     #    one; codec "fp32" keeps the format-1 layout
     if codec != RAW_CODEC:
         nulls = ["null_embeddings"] + [NULL_EXTRA_PREFIX + k for k in inv.null_extra if k not in EXACT_NULL_KEYS]
