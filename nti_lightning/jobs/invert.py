@@ -231,9 +231,9 @@ class InvertWorker(WorkerItems):
         return rec
 
     def record(self, item: Item, status: str, **fields) -> None:
-        """A failure, from the loop: committed in its turn on the commit stage."""
-        rec = self.make_record(item, status, **fields)
-        row = Row(rec, FAILED, item.prompt, self.sources.pop(item.id, 0), seconds=float(fields.get("seconds", 0.0)))
+        """An image's record from the loop (a failure): committed in its turn on the commit stage."""
+        rec, code = self.make_record(item, status, **fields), OK if status == "ok" else FAILED
+        row = Row(rec, code, item.prompt, self.sources.pop(item.id, 0), seconds=float(fields.get("seconds", 0.0)))
         self.commits.submit(self.commit_rows, [row])
 
     def commit_rows(self, rows: list[Row]) -> None:
