@@ -19,7 +19,7 @@ reconstruction PSNR against the VAE round trip on the three tiny models (docs/st
 ZSTD_LEVEL = 1
 """zstd compression level of every codec (``output.codec_level``; decoding does not depend on it), measured by
 ``scripts/codec_benchmark.py`` (docs/storage.md): level 1 with the double-fast match finder (``codec.compressor``)
-encodes SD1.5's ∅_t in ~4 ms a record on one core; 10 is 2–4 % smaller at ~15× the time, 19 8–10 %."""
+encodes an SD1.5 record in ~10 ms on one core; 10 is 2–4 % smaller at 6–8× the time, 19 8–9 % at 50–70×."""
 
 
 def parse_codec(codec: str) -> tuple[str, str | None]:
