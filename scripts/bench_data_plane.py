@@ -191,14 +191,7 @@ def full_size(work: Path, inputs: Path, n: int, log) -> dict:
     out = {}
     for layout in ("shards", "folders"):
         for codec in CODECS:
-            runs = {}
-            for size in (n, 5 * n):
-                folder = work / f"full-{layout}-{codec}-{size}"
-                shutil.rmtree(folder, ignore_errors=True)
-                sub = make_inputs(work / f"inputs-{size}", size, 512)
-                r = run(invert_argv(sub, folder, f"output.layout={layout}", f"output.codec={codec}"), "sd15")
-                runs[size] = {**r, **folder_stats(folder)}
-                shutil.rmtree(folder)
+            runs = two_sizes(work, n, f"full-{layout}-{codec}", layout, codec)
             big, small = runs[5 * n], runs[n]
             per_image_ms = 1000 * (big["run_s"] - small["run_s"]) / (4 * n)
             record = (big["bytes"] - small["bytes"]) / (4 * n)
@@ -214,20 +207,27 @@ def gpu_visible(work: Path, n: int, gpu_ms: float, log) -> dict:
     out = {}
     call_s = gpu_ms / 1000 * 8 / 32  # 8 rows a call, 32 calls an image
     for codec in ("bf16-delta-zstd", "fp32"):
-        runs = {}
-        for size in (n, 5 * n):
-            folder = work / f"gpu-{codec}-{size}"
-            shutil.rmtree(folder, ignore_errors=True)
-            sub = make_inputs(work / f"inputs-{size}", size, 512)
-            argv = invert_argv(sub, folder, "output.layout=shards", f"output.codec={codec}")
-            runs[size] = run(argv, "sd15", call_s)
-            shutil.rmtree(folder)
+        runs = two_sizes(work, n, f"gpu-{codec}", "shards", codec, call_s)
         extra = {k: r["run_s"] - r["engine_s"] for k, r in runs.items()}
         ms = 1000 * (extra[5 * n] - extra[n]) / (4 * n)
         engine_ms = 1000 * (runs[5 * n]["engine_s"] - runs[n]["engine_s"]) / (4 * n)
         out[codec] = {"visible_ms": ms, "engine_ms_per_image": engine_ms, "runs": runs}
         log(f"SD1.5 records, shards, {codec}, engine {engine_ms:.0f} ms/image: {ms:.1f} ms/image beyond it")
     return out
+
+
+def two_sizes(work: Path, n: int, name: str, layout: str, codec: str, call_s: float = 0.0) -> dict:
+    """Runs of n and 5n images with SD1.5's records in ``layout`` and ``codec``: {size: the run and its folder's
+    files, folders and bytes}, each folder removed after it is measured."""
+    runs = {}
+    for size in (n, 5 * n):
+        folder = work / f"{name}-{size}"
+        shutil.rmtree(folder, ignore_errors=True)
+        sub = make_inputs(work / f"inputs-{size}", size, 512)
+        r = run(invert_argv(sub, folder, f"output.layout={layout}", f"output.codec={codec}"), "sd15", call_s)
+        runs[size] = {**r, **folder_stats(folder)}
+        shutil.rmtree(folder)
+    return runs
 
 
 def scale(work: Path, inputs: Path, n: int, shard_images: int, log) -> dict:
