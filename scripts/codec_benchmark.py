@@ -8,11 +8,12 @@ not a test; docs/storage.md has its table.
    format-1 file, as written before codecs), max |Δ∅| over ∅_t's fields, and the PSNR of the NTI
    reconstruction against the VAE round trip with the decoded ∅_t, minus that with the fp32 ∅_t (dB lost).
 3. zstd levels: bytes and encode time of the default and the exact codec.
-4. The extrapolation check: ∅_t's encoded bytes at T = 50 predicted from a T = ``--sd15-steps`` inversion
-   of the tiny model, against those measured at T = 50.
-5. SD1.5-shaped ∅_t (D = 768) from the random-weight network (``scripts/nti_bench/sd15.py``) inverted at
-   ``--sd15-size`` px with T = ``--sd15-steps``: bytes per image, extrapolated to T = 50 (``extrapolate``; size
-   only: random weights make the images meaningless), and the 512-px record's ratio.
+4. The packing (``codec.PACKS``): the 2-byte codecs' bytes escape-packed (the default) and byte-shuffled.
+5. SD1.5-shaped ∅_t (D = 768) from the random-weight network (``scripts/nti_bench/sd15.py``): the first
+   ``--sd15-images`` photos inverted at ``--sd15-size`` px with T = ``--sd15-steps`` (50 by default: measured;
+   fewer: extrapolated to T = 50 by ``extrapolate``, with the extrapolation checked on the tiny model against
+   its measured T = 50); bytes per image and the 512-px record's ratio (size only: random weights make the
+   images meaningless).
 6. The large optional fields (proxnpi's trajectory, direct's corrections) through the exact codec.
 
 Writes ``bench.json`` and ``bench.md`` into ``--out``.
@@ -54,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--sd15-size", type=int, default=64, help="image size of the SD1.5-shaped inversion (px)")
-    p.add_argument("--sd15-steps", type=int, default=5, help="T of the SD1.5-shaped inversion; 0 = skip it")
+    p.add_argument("--sd15-steps", type=int, default=50, help="T of the SD1.5-shaped inversion; 0 = skip it")
+    p.add_argument("--sd15-images", type=int, default=1, help="sample photos of the SD1.5-shaped inversion")
     p.add_argument("--sd15-threads", type=int, default=2, help="torch threads of the SD1.5-shaped inversion")
     return p.parse_args(argv)
 
@@ -200,6 +202,16 @@ def file_bytes_512(inv, codec: str, nulls_bytes: float, T: int = 50) -> float:
     return whole if codec == RAW_CODEC else whole - len(encode(zeros, codec)[0]) + nulls_bytes
 
 
+def pack_rows(tensors: list[torch.Tensor]) -> list[dict]:
+    """Bytes of the 2-byte codecs with a transform, escape-packed (their packing) and byte-shuffled."""
+    rows = []
+    for codec in (c for c in CODECS if c.startswith(("bf16-", "fp16-")) and c.count("-") == 2):
+        size = {pack: sum(len(encode(x, codec, pack=pack)[0]) for x in tensors) for pack in ("escape", "shuffle")}
+        raw = sum(4 * x.numel() for x in tensors)
+        rows.append({"codec": codec, **{f"ratio_{k}": raw / v for k, v in size.items()}})
+    return rows
+
+
 def sd15_result(images, prompts, size: int, steps: int) -> dict:
     from nti_bench.sd15 import build_sd15_model
 
@@ -229,6 +241,7 @@ def sd15_result(images, prompts, size: int, steps: int) -> dict:
         "inner_steps": [inv.inner_steps.tolist() for inv in invs],
         "codecs": codecs,
         "levels": level_rows([inv.null_embeddings for inv in invs]),
+        "packs": pack_rows([inv.null_embeddings for inv in invs]),
     }
 
 
@@ -274,6 +287,13 @@ def level_table(rows: list[dict], what: str) -> str:
     return "\n".join(lines)
 
 
+def pack_table(rows: list[dict], what: str) -> str:
+    lines = [f"Packing on {what} (∅_t alone, × smaller than fp32):", "", "| codec | escape | byte shuffle |"]
+    lines += ["|---|---|---|"]
+    lines += [f"| {r['codec']} | {r['ratio_escape']:.2f} | {r['ratio_shuffle']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Null-embedding codecs\n\n`{result['command']}`\n\n{result['machine']}\n"]
     for m in result["models"]:
@@ -300,6 +320,7 @@ def markdown(result: dict) -> str:
         f"{LOSSLESS_CODEC}; zstd level {ZSTD_LEVEL}.\n"
     )
     lines += [level_table(result["tiny_levels"], "tiny, the ∅_t above"), ""]
+    lines += [pack_table(result["tiny_packs"], "tiny, the ∅_t above"), ""]
     ex = result.get("extrapolation")
     if ex:
         lines += [f"## Extrapolation check (tiny: T = {ex['steps']} → 50 vs measured at T = 50, ∅_t bytes)\n"]
@@ -313,7 +334,7 @@ def markdown(result: dict) -> str:
             f"## SD1.5-shaped ∅_t (random weights, {sd['size']} px, T = {sd['steps']}, ∅_t {sd['shape']}; "
             f"inner steps {sd['inner_steps']}; size only)\n",
             f"| codec | ∅_t kB (T = {sd['steps']}) | kB per further row | fp32 kB per row "
-            "| ∅_t MB at T = 50 (extrapolated) "
+            f"| ∅_t MB at T = 50 ({'measured' if sd['steps'] == 50 else 'extrapolated'}) "
             f"| × smaller at T = 50 | 512-px record × smaller (fp32: {sd['fp32_file_bytes_512'] / 1e6:.2f} MB) |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -324,8 +345,10 @@ def markdown(result: dict) -> str:
                 f"| {e['file_ratio_512']:.2f} |"
             )
         by_level = ", ".join(f"level {k} {v:.2f}×" for k, v in sd["default_file_ratio_by_level"].items())
-        lines += ["", f"The 512-px {DEFAULT_CODEC} record by zstd level (the same extrapolation): {by_level}.", ""]
+        how = "measured ∅_t" if sd["steps"] == 50 else "the same extrapolation"
+        lines += ["", f"The 512-px {DEFAULT_CODEC} record by zstd level ({how}): {by_level}.", ""]
         lines += [level_table(sd["levels"], "these ∅_t"), ""]
+        lines += [pack_table(sd["packs"], "these ∅_t"), ""]
     opt = result["optional_fields"]
     lines += ["## Optional fields through the exact codecs (tiny, × smaller than fp32)\n"]
     for name, o in opt.items():
@@ -352,12 +375,15 @@ def main(argv: list[str] | None = None) -> None:
         "models": models,
         "meets_target": meets_target(models),
         "tiny_levels": level_rows([inv.null_embeddings for inv in tiny["_invs"]]),
+        "tiny_packs": pack_rows([inv.null_embeddings for inv in tiny["_invs"]]),
     }
-    # 4.–6. the extrapolation check, SD1.5-shaped ∅_t, the optional fields
-    if args.sd15_steps:
+    # 5.–6. SD1.5-shaped ∅_t (the extrapolation check when it is extrapolated), the optional fields
+    if 0 < args.sd15_steps < 50:
         result["extrapolation"] = extrapolation_check(tiny["_invs"], images, prompts, args.sd15_steps)
+    if args.sd15_steps:
         torch.set_num_threads(args.sd15_threads)
-        result["sd15"] = sd15_result(images, prompts, args.sd15_size, args.sd15_steps)
+        n = args.sd15_images
+        result["sd15"] = sd15_result(images[:n], prompts[:n], args.sd15_size, args.sd15_steps)
         torch.set_num_threads(args.threads)
     result["optional_fields"] = optional_fields(images, prompts)
     for m in models:

@@ -255,17 +255,20 @@ class InvertWorker(WorkerItems):
         commit stage; ``wait``: until everything handed over is committed (before a checkpoint and at the end)."""
         if self.to_write:
             group, self.to_write = self.to_write, []
-            self.commits.submit(self.write_group, group, self.measure(self.model, self.cfg, group, self.runtime))
+            measured = self.measure(self.model, self.cfg, group, self.runtime)
+            blobs = self.shard_out.encode(group) if self.shard_out is not None else None  # starts now
+            self.commits.submit(self.write_group, group, measured, blobs)
         if wait:
             self.commits.drain()
 
-    def write_group(self, group: list[Done], measured: list) -> None:
-        """(commit thread) A group's records written — durable — then committed."""
+    def write_group(self, group: list[Done], measured: list, blobs: list | None = None) -> None:
+        """(commit thread) A group's records (the shards layout: encoding since ``flush``) written — durable —
+        then committed."""
         if self.shard_out is None:
             write_folders(self.cfg, self.out, group, measured, self.commit_done, self.folder.tmp)
             return
         rows = []
-        for d, fields, (shard, offset) in self.shard_out.write(group, measured):
+        for d, fields, (shard, offset) in self.shard_out.write(group, measured, blobs):
             rec = self.make_record(d.item, "ok", **fields)
             rows.append(Row(rec, OK, d.item.prompt, d.source, shard, offset, float(fields["seconds"])))
         self.commit_rows(rows)

@@ -113,7 +113,7 @@ def run_identity(cfg: RunConfig, model=None) -> dict:
 
 
 def pixel_hash(pixels: torch.Tensor) -> str:
-    return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(pixels.detach().cpu().contiguous().numpy()).hexdigest()  # the buffer, not a copy
 
 
 def decode(item: Item, size: int) -> torch.Tensor | Exception:

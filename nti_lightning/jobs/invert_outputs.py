@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,16 +194,24 @@ class ShardOutputs:
         # a group's records are encoded in parallel (zstd and numpy release the GIL): ∅_t's codec is the costly part
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="nti-enc")
 
-    def write(self, group: list[Done], measured: list[Measured]) -> list[tuple[Done, dict, tuple[int, int]]]:
-        """Writes a group's records as one durable append; returns (done, record fields, (shard, offset)) each,
-        for the caller to commit."""
-        method, records, fields = self.cfg.inversion.method, [], []
-        for d in group:
-            d.inversion.meta.update(image={"id": d.item.id, "source": d.item.path})
+    def encode(self, group: list[Done]) -> list[Future]:
+        """Starts encoding a group's records (``inversion_to_bytes``) on the encoding threads, in order: the
+        next group encodes while the commit stage writes and fsyncs this one. The futures give the bytes."""
         codec = _codec(self.cfg)
         encode = lambda d: inversion_to_bytes(d.inversion, label=d.item.label, **codec)  # noqa: E731
-        blobs = list(self.pool.map(encode, group)) if len(group) > 1 else [encode(d) for d in group]
-        for d, m, data in zip(group, measured, blobs):
+        for d in group:
+            d.inversion.meta.update(image={"id": d.item.id, "source": d.item.path})
+        return [self.pool.submit(encode, d) for d in group]
+
+    def write(
+        self, group: list[Done], measured: list[Measured], blobs: list[Future] | None = None
+    ) -> list[tuple[Done, dict, tuple[int, int]]]:
+        """Writes a group's records (``blobs``: from ``encode``, started now if None) as one durable append;
+        returns (done, record fields, (shard, offset)) each, for the caller to commit."""
+        method, records, fields = self.cfg.inversion.method, [], []
+        blobs = self.encode(group) if blobs is None else blobs
+        for d, m, future in zip(group, measured, blobs):
+            data = future.result()
             it, inv = d.item, d.inversion
             meta = {"id": it.id, "source": it.path, "prompt": it.prompt, "metrics": m.metrics, **inv.meta}
             kind, why = self.policy.judge(m.metrics[method]["vs_vae"]["psnr"])

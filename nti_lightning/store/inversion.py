@@ -6,11 +6,11 @@ identity, scheduler, hyperparameters, method). Written atomically (temp file + r
 ``meta["sampling"]`` what reconstruction and editing apply besides guidance (``step_guidance.py``), and the
 optional tensors what that needs (the pivot for proxnpi, the per-step corrections for direct).
 
-∅_t goes through a storage codec (``codec.py``, docs/storage.md): format 3 holds each of its fields as a
-uint8 tensor of encoded bytes, with the codec's info in the record's "codecs", the optional trajectory and
-corrections the same way through the exact codec, and pivot_zT once, as z_T (``SAME_AS``); codec "fp32" writes
-format 1, every tensor as it is (the files from before codecs). Formats 1–3 are read. Everything but ∅_t stays
-exact.
+∅_t goes through a storage codec (``codec.py``, docs/storage.md): format 4 holds each of its fields as a
+uint8 tensor of encoded bytes, with the codec's info (its packing among it) in the record's "codecs", the
+optional trajectory and corrections the same way through the exact codec, and pivot_zT once, as z_T
+(``SAME_AS``); codec "fp32" writes format 1, every tensor as it is (the files from before codecs). Formats 1–4
+are read. Everything but ∅_t stays exact.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from nti_lightning.store.validate import (
     check_tensors,
 )
 
-FORMAT_VERSION = 3
-"""Records with ∅_t through a codec, and a latent equal to z_T stored once (``SAME_AS``); version 2 is the same
-without that (read as it is); ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
+FORMAT_VERSION = 4
+"""Records with ∅_t through a codec, each field's packing named in its codec info (``codec.PACKS``), and a latent
+equal to z_T stored once (``SAME_AS``); version 3 is the same with every field byte-shuffled, version 2 also
+without "same" (both read as they are); ``RAW_FORMAT_VERSION`` (1): codec "fp32", every tensor as it is."""
 RAW_FORMAT_VERSION = 1
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4)
 SAME_AS = {"pivot_zT": "z_T"}
 """Fields kept once when equal: z̄_T = z*_T (Algorithm 1, line 1), so every method's pivot end is its z_T — a
 latent of 4·64·64 fp32 for SD1.5, ~2 % of a default record. The record's "same" lists what was left out."""
@@ -130,7 +131,7 @@ def inversion_to_bytes(
                if getattr(inv, name) is not None}  # fmt: skip
     tensors.update({NULL_EXTRA_PREFIX + k: v.detach().cpu() for k, v in inv.null_extra.items()})
     record: dict[str, Any] = {"format_version": RAW_FORMAT_VERSION, "prompt": inv.prompt, "meta": inv.meta}
-    # 1. as encoded bytes (format 3): ∅_t's fields through the codec, the optional fields through the exact
+    # 1. as encoded bytes (format 4): ∅_t's fields through the codec, the optional fields through the exact
     #    one; codec "fp32" keeps the format-1 layout
     if codec != RAW_CODEC:
         nulls = ["null_embeddings"] + [NULL_EXTRA_PREFIX + k for k in inv.null_extra if k not in EXACT_NULL_KEYS]
@@ -186,7 +187,7 @@ def inversion_from_bytes(data: bytes, label: str = "inversion") -> Inversion:
                 f"{label}: field {name!r} ({info.get('codec') if isinstance(info, dict) else info}) is corrupt: {e}; "
                 f"{FIX_DAMAGED}"
             ) from e
-    # 3. the fields kept once (format 3), then the record, its fields checked (store/validate.py)
+    # 3. the fields kept once (formats 3–4), then the record, its fields checked (store/validate.py)
     same = record.get("same", {})
     if not isinstance(same, dict) or any(SAME_AS.get(k) != v or v not in tensors for k, v in same.items()):
         raise InvalidInversionError(

@@ -1,5 +1,6 @@
-"""The inversion record with ∅_t through a codec and z_T once (format 3; format 2 without the latter), files from
-before codecs (format 1), the in-memory form, and damaged files; on the trained tiny models."""
+"""The inversion record with ∅_t through a codec and z_T once (format 4; format 3 byte-shuffled, format 2 also
+without z_T once), files from before codecs (format 1), the in-memory form, and damaged files; on the trained tiny
+models."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ CAT = str(ASSETS_DIR / "samples" / "cat.png")
 PROMPT = "a photo of a cat"
 FORMAT1 = Path(__file__).parent / "data" / "format1_tiny_T3.safetensors"
 """Written by ``save_inversion`` before codecs existed (commit 3ef4483): tiny, cat.png, T = 3, N = 2."""
+FORMAT3 = Path(__file__).parent / "data" / "format3_tiny_T3.safetensors"
+"""``FORMAT1``'s inversion written by ``save_inversion`` with the default codec at commit 128f4ad (format 3: ∅_t
+byte-shuffled, no "pack" in its codec info)."""
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,14 +61,25 @@ def test_a_format1_file_from_before_codecs_loads_and_codec_fp32_writes_it_again(
     assert torch.equal(reconstruction_latents(tiny_model, [exact]), reconstruction_latents(tiny_model, [inv]))
 
 
-def test_format3_holds_the_nulls_encoded_z_T_once_and_everything_else_as_it_was(cat, tmp_path):
+def test_a_format3_file_reads_to_the_same_nulls_as_format4_gives(tiny_model):
+    """Format 3 packed every field by byte shuffle; format 4 escape-packs bf16 differences. Both hold ∅_t rounded
+    to bf16, so the old file decodes to exactly what a new record of the same inversion decodes to."""
+    exact = load_inversion(FORMAT1, tiny_model)
+    old = load_inversion(FORMAT3, tiny_model)
+    assert record_of(FORMAT3)["format_version"] == 3 and "pack" not in record_of(FORMAT3)["codecs"]["null_embeddings"]
+    new = inversion_from_bytes(inversion_to_bytes(exact))
+    assert torch.equal(old.null_embeddings, exact.null_embeddings.to(torch.bfloat16).float())
+    assert torch.equal(old.null_embeddings, new.null_embeddings) and torch.equal(old.z_T, exact.z_T)
+
+
+def test_format4_holds_the_nulls_encoded_z_T_once_and_everything_else_as_it_was(cat, tmp_path):
     path = save_inversion(tmp_path / "cat", cat)  # the default codec
     record, tensors = record_of(path), load(path.read_bytes())
-    assert record["format_version"] == FORMAT_VERSION == 3 and record["prompt"] == PROMPT and record["meta"] == cat.meta
+    assert record["format_version"] == FORMAT_VERSION == 4 and record["prompt"] == PROMPT and record["meta"] == cat.meta
     assert record["same"] == {"pivot_zT": "z_T"} and "pivot_zT" not in tensors  # z̄_T = z*_T: stored once
     tensors["pivot_zT"] = tensors["z_T"]
     assert record["codecs"] == {
-        "null_embeddings": {"codec": DEFAULT_CODEC, "shape": [10, 77, 32], "zstd_level": ZSTD_LEVEL}
+        "null_embeddings": {"codec": DEFAULT_CODEC, "shape": [10, 77, 32], "pack": "escape", "zstd_level": ZSTD_LEVEL}
     }
     assert tensors["null_embeddings"].dtype == torch.uint8 and tensors["null_embeddings"].dim() == 1
     for name in TENSOR_FIELDS[2:] + ("z_T",):  # z_T, the pivots, timesteps, inner steps, final loss: exact
@@ -179,8 +194,8 @@ def test_a_damaged_file_is_a_one_line_error_naming_it(cat, tmp_path):
             load_inversion(path)
         assert "\n" not in str(e.value)
     later = json.loads(_metadata(full))
-    save_file(tensors, str(path), metadata={"nti_lightning": json.dumps({**later, "format_version": 4})})
-    with pytest.raises(ValueError, match="format version 4.*upgrade"):
+    save_file(tensors, str(path), metadata={"nti_lightning": json.dumps({**later, "format_version": 5})})
+    with pytest.raises(ValueError, match="format version 5.*upgrade"):
         load_inversion(path)
 
 
