@@ -263,12 +263,13 @@ class OutputConfig:
     """Images decoded ahead in a background thread, in units of the batch size; 0 = off."""
     codec: str = DEFAULT_CODEC
     """How ``inversion.safetensors`` stores ∅_t (docs/storage.md): "bf16-delta-zstd" (the default: bf16,
-    integer delta along t, zstd; files 4.5–6.1× smaller than fp32 at ≤ 0.034 dB of NTI reconstruction PSNR on
-    the tiny models), "fp32-delta-zstd" exact and ~1.5× smaller, "fp32" the raw format-1 file; also the other
-    "{fp32,fp16,bf16}[-xor|-delta]-zstd". Everything else in the record stays exact."""
+    integer delta along t, zstd; files 4.6–5.9× smaller than fp32 at ≤ 0.034 dB of NTI reconstruction PSNR on
+    the tiny models, 4.46× for SD1.5-shaped ∅_t that never early-stop), "fp32-delta-zstd" exact and ~1.4×
+    smaller, "fp32" the raw format-1 file; also the other "{fp32,fp16,bf16}[-xor|-delta]-zstd". Everything else
+    in the record stays exact."""
     codec_level: int = ZSTD_LEVEL
-    """The codecs' zstd level, 1–22 (reading does not depend on it): 1, the default, encodes an SD1.5 record in
-    ~10 ms on one core; 10 is 2–4 % smaller at 6–8× the time, 19 8–9 % at 50–70× (docs/storage.md)."""
+    """The codecs' zstd level, 1–22 (reading does not depend on it): 1, the default, encodes an SD1.5 record's
+    ∅_t in ~10 ms on one core; 10 is 0.6–5 % smaller at 6–10× the time, 19 4–11 % at 40–75× (docs/storage.md)."""
     layout: str = "auto"
     """Where the records go (docs/scaleout.md). "folders": one folder per image under ``images/`` with
     inversion.safetensors, meta.json, reconstruction.png and strip.png. "shards": per worker, rolling WebDataset

@@ -18,8 +18,8 @@ DEFAULT_CODEC = "bf16-delta-zstd"
 reconstruction PSNR against the VAE round trip on the three tiny models (docs/storage.md)."""
 ZSTD_LEVEL = 1
 """zstd compression level of every codec (``output.codec_level``; decoding does not depend on it), measured by
-``scripts/codec_benchmark.py`` (docs/storage.md): level 1 with the double-fast match finder (``codec.compressor``)
-encodes an SD1.5 record in ~10 ms on one core; 10 is 2–4 % smaller at 6–8× the time, 19 8–9 % at 50–70×."""
+``scripts/codec_benchmark.py`` (docs/storage.md): level 1 encodes an SD1.5 record's ∅_t in ~10 ms on one core;
+10 is 0.6–5 % smaller at 6–10× the time, 19 4–11 % at 40–75×."""
 
 
 def parse_codec(codec: str) -> tuple[str, str | None]:
