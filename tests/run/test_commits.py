@@ -61,13 +61,25 @@ def test_the_first_error_stops_the_stage_and_is_raised_once():
 
 
 def test_the_invert_loop_writes_on_the_commit_thread(model_dir, tmp_path, monkeypatch):
-    """The shard appends and the record log's appends run on the commit stage's thread, not the loop's."""
+    """The shard appends and the record log's appends run on the commit stage's thread, not the loop's; a group's
+    records are handed to the encoding threads by the loop itself (so the next group encodes while the stage
+    writes this one) and encoded there."""
     from nti_lightning.cli import main
+    from nti_lightning.jobs import invert_outputs
     from nti_lightning.store.records import RecordLog
     from nti_lightning.store.shard_writer import ShardWriter
 
-    threads = {"append": set(), "log": set()}
+    threads = {"append": set(), "log": set(), "start": set(), "encode": set()}
     append, log = ShardWriter.append, RecordLog.append_many
+    start, encode = invert_outputs.ShardOutputs.encode, invert_outputs.inversion_to_bytes
+
+    def spy_start(self, group):
+        threads["start"].add(threading.current_thread().name)
+        return start(self, group)
+
+    def spy_encode(*args, **kwargs):
+        threads["encode"].add(threading.current_thread().name)
+        return encode(*args, **kwargs)
 
     def spy_append(self, records):
         threads["append"].add(threading.current_thread().name)
@@ -79,6 +91,8 @@ def test_the_invert_loop_writes_on_the_commit_thread(model_dir, tmp_path, monkey
 
     monkeypatch.setattr(ShardWriter, "append", spy_append)
     monkeypatch.setattr(RecordLog, "append_many", spy_log)
+    monkeypatch.setattr(invert_outputs.ShardOutputs, "encode", spy_start)
+    monkeypatch.setattr(invert_outputs, "inversion_to_bytes", spy_encode)
     images = tmp_path / "in"
     images.mkdir()
     from PIL import Image
@@ -93,3 +107,5 @@ def test_the_invert_loop_writes_on_the_commit_thread(model_dir, tmp_path, monkey
     main_thread = threading.main_thread().name
     assert threads["append"] and threads["log"]
     assert all(name.startswith("nti-commit") and name != main_thread for name in threads["append"] | threads["log"])
+    assert threads["start"] == {main_thread}
+    assert threads["encode"] and all(name.startswith("nti-enc") for name in threads["encode"])
