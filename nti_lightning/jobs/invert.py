@@ -261,7 +261,7 @@ class InvertWorker(WorkerItems):
         if wait:
             self.commits.drain()
 
-    def write_group(self, group: list[Done], measured: list, blobs: list | None = None) -> None:
+    def write_group(self, group: list[Done], measured: list, blobs: list | None) -> None:
         """(commit thread) A group's records (the shards layout: encoding since ``flush``) written — durable —
         then committed."""
         if self.shard_out is None:

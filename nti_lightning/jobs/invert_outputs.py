@@ -204,12 +204,11 @@ class ShardOutputs:
         return [self.pool.submit(encode, d) for d in group]
 
     def write(
-        self, group: list[Done], measured: list[Measured], blobs: list[Future] | None = None
+        self, group: list[Done], measured: list[Measured], blobs: list[Future]
     ) -> list[tuple[Done, dict, tuple[int, int]]]:
-        """Writes a group's records (``blobs``: from ``encode``, started now if None) as one durable append;
-        returns (done, record fields, (shard, offset)) each, for the caller to commit."""
+        """Writes a group's records (``blobs``: from ``encode``) as one durable append; returns (done, record
+        fields, (shard, offset)) each, for the caller to commit."""
         method, records, fields = self.cfg.inversion.method, [], []
-        blobs = self.encode(group) if blobs is None else blobs
         for d, m, future in zip(group, measured, blobs):
             data = future.result()
             it, inv = d.item, d.inversion

@@ -165,21 +165,13 @@ def encode(
     info = {"codec": codec, "shape": list(x.shape)}
     if codec == RAW_CODEC:
         return x.numpy().astype("<f4", copy=False).tobytes(), info
-    values = along_t(to_bits(x, dtype), transform).reshape(-1)  # (numel,)
     pack = pack or pack_of(dtype, transform)
     if pack not in PACKS:
         raise ValueError(f"unknown packing {pack!r}; the packings are {', '.join(PACKS)}")
+    values = along_t(to_bits(x, dtype), transform).reshape(-1)  # (numel,)
     packed = escape_pack(values) if pack == "escape" else shuffle_bytes(values)
-    return compressor(level, packed.nbytes).compress(packed), {**info, "pack": pack, "zstd_level": level}
-
-
-def compressor(level: int, size: int) -> zstandard.ZstdCompressor:
-    """zstd at ``level`` for ``size`` bytes, with a content checksum."""
-    return zstandard.ZstdCompressor(
-        compression_params=zstandard.ZstdCompressionParameters.from_level(
-            level, source_size=size, write_checksum=True, write_content_size=True
-        )
-    )
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return compressor.compress(packed), {**info, "pack": pack, "zstd_level": level}
 
 
 def decode(data: bytes, info: dict[str, Any]) -> torch.Tensor:
